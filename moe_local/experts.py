@@ -1,0 +1,153 @@
+"""The expert seam: the one place where routed experts are executed.
+
+Model code never owns routed-expert weights. After routing, an MoE layer asks its provider
+"run these experts of layer L on these tokens, weighted like this" (`ExpertProvider.forward`).
+Where an expert lives (resident tensors, a quantized pack in RAM, a slot in the GPU cache) is the
+provider's business; what an expert *is* lives here:
+
+- `ExpertWeights`: the three projections of one SwiGLU expert. Each projection is either a plain
+  tensor `[out, in]` or a packed/quantized object with `.linear(x)` (see `moe_local.quant`), so the
+  same compute path serves bf16 experts and packed ones.
+- `ExpertSource`: where experts come from (a Hugging Face checkpoint, a pack); `load(layer, e)`.
+- `combine_experts`: the dispatch loop shared by every provider. It visits experts in ascending id
+  order whatever is cached, so the arithmetic (and therefore the tokens) cannot depend on cache state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol, Sequence, Union, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+
+
+@runtime_checkable
+class PackedLinear(Protocol):
+    """A weight matrix kept in some packed form, expanded only inside its own matmul."""
+
+    shape: tuple[int, int]  # (out_features, in_features)
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+Projection = Union[torch.Tensor, PackedLinear]
+
+
+def project(x: torch.Tensor, w: Projection) -> torch.Tensor:
+    """`x @ w.T` for a plain tensor or a packed weight."""
+    if isinstance(w, torch.Tensor):
+        return F.linear(x, w)
+    return w.linear(x)
+
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda t: F.gelu(t, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+@dataclass
+class ExpertWeights:
+    """One routed expert: down(act(gate(x)) * up(x))."""
+
+    gate: Projection  # [I, H]
+    up: Projection  # [I, H]
+    down: Projection  # [H, I]
+
+    def __call__(self, x: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        return project(act(project(x, self.gate)) * project(x, self.up), self.down)
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "ExpertWeights":
+        def move(w: Projection) -> Projection:
+            if isinstance(w, torch.Tensor):
+                return w.to(device=device, dtype=dtype if w.is_floating_point() else None)
+            return w.to(device) if device is not None else w
+
+        return ExpertWeights(move(self.gate), move(self.up), move(self.down))
+
+    def nbytes(self) -> int:
+        total = 0
+        for w in (self.gate, self.up, self.down):
+            total += w.numel() * w.element_size() if isinstance(w, torch.Tensor) else int(w.nbytes)
+        return total
+
+
+class ExpertSource(Protocol):
+    """Where routed experts are read from (a checkpoint or a pack)."""
+
+    moe_layers: Sequence[int]  # layer indices that have routed experts
+    num_experts: int
+
+    def load(self, layer: int, expert: int) -> ExpertWeights: ...
+
+
+class ExpertProvider(Protocol):
+    """What an MoE layer calls once routing is decided."""
+
+    def forward(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x: [T, H]; ids, weights: [T, k]. Returns sum_k weights * expert_ids(x), shape [T, H]."""
+        ...
+
+
+def combine_experts(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    fetch: Callable[[int], ExpertWeights],
+    act: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """Weighted sum of the routed experts' outputs, experts visited in ascending id order.
+
+    `fetch(e)` returns expert e ready for compute on x's device; a cache may block inside it until
+    the expert has arrived. Each token's contribution is scaled by its routing weight in the
+    router's dtype and accumulated with index_add_ in x's dtype, as the reference implementation does.
+    """
+    out = torch.zeros_like(x)
+    flat_ids = ids.reshape(-1)
+    order = torch.argsort(flat_ids, stable=True)
+    sorted_ids = flat_ids[order]
+    experts, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
+    k = ids.shape[-1]
+    start = 0
+    for e, n in zip(experts.tolist(), counts.tolist()):
+        slots = order[start : start + n]
+        start += n
+        tokens = slots // k
+        y = fetch(e)(x[tokens], act)
+        y = y * weights.reshape(-1)[slots, None]
+        out.index_add_(0, tokens, y.to(out.dtype))
+    return out
+
+
+class ResidentExperts:
+    """The simplest provider: every routed expert loaded once and kept on one device.
+
+    Used for CPU runs and models that fit; the tiered cache (moe_local.cache) replaces it without
+    any change to model code.
+    """
+
+    def __init__(
+        self,
+        source: ExpertSource,
+        act: str = "silu",
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        self.act = ACTIVATIONS[act]
+        self.experts: dict[tuple[int, int], ExpertWeights] = {}
+        for layer in source.moe_layers:
+            for e in range(source.num_experts):
+                self.experts[(layer, e)] = source.load(layer, e).to(device, dtype)
+                if progress is not None:
+                    progress(1)
+
+    def forward(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return combine_experts(x, ids, weights, lambda e: self.experts[(layer, e)], self.act)
+
+    def nbytes(self) -> int:
+        return sum(w.nbytes() for w in self.experts.values())

@@ -1,0 +1,148 @@
+"""A Hugging Face checkpoint on disk: config.json plus safetensors shards, read through memory maps.
+
+`Checkpoint` maps tensor names to shard files (from `model.safetensors.index.json`, or by listing a
+single `model.safetensors`), opens each shard once with `safetensors.safe_open` (an mmap, so nothing
+is read until a tensor is asked for) and hands out one tensor at a time. Shapes can be read without
+touching tensor data. DeepSeek-V3 FP8 weights (e4m3 with 128x128 block scales in
+`<name>_scale_inv`) are dequantized on the way out, so model code only ever sees real numbers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+
+from moe_local.errors import CheckpointError
+from moe_local.loading.hub import resolve_model_dir
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+FP8_BLOCK = 128
+
+
+def read_json(path: Path) -> dict:
+    """Read a JSON file, turning every failure into one line naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError("missing", path) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"is not valid JSON ({exc})", path) from None
+    if not isinstance(data, dict):
+        raise CheckpointError("must hold a JSON object", path)
+    return data
+
+
+class Checkpoint:
+    """Read-only view of a model folder; tensors come out one by one from memory-mapped shards."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        config_path = self.root / "config.json"
+        if not config_path.is_file():
+            raise CheckpointError("missing config.json (is this a Hugging Face model folder?)", config_path)
+        self.config: dict = read_json(config_path)
+        self._handles: dict[Path, object] = {}
+        self._file_of: dict[str, Path] = self._map_tensors()
+
+    # ----------------------------------------------------------------- layout
+    def _map_tensors(self) -> dict[str, Path]:
+        index = self.root / INDEX_NAME
+        if index.is_file():
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CheckpointError("has no weight_map", index)
+            files = {name: self.root / fname for name, fname in weight_map.items()}
+            for path in sorted(set(files.values())):
+                if not path.is_file():
+                    raise CheckpointError(f"shard named in {INDEX_NAME} is missing", path)
+            return files
+        shards = sorted(self.root.glob("*.safetensors"))
+        if not shards:
+            raise CheckpointError(f"no *.safetensors files (and no {INDEX_NAME})", self.root)
+        files: dict[str, Path] = {}
+        for path in shards:
+            for name in self._open(path).keys():
+                files[name] = path
+        return files
+
+    def _open(self, path: Path):
+        handle = self._handles.get(path)
+        if handle is None:
+            try:
+                handle = safe_open(str(path), framework="pt", device="cpu")
+            except Exception as exc:  # safetensors raises its own error type for bad headers
+                raise CheckpointError(f"not a readable safetensors file ({exc}); is it truncated?", path) from None
+            self._handles[path] = handle
+        return handle
+
+    # ----------------------------------------------------------------- queries
+    def names(self) -> list[str]:
+        return sorted(self._file_of)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._file_of
+
+    def file_of(self, name: str) -> Path:
+        try:
+            return self._file_of[name]
+        except KeyError:
+            raise CheckpointError(f"tensor {name!r} not found in the checkpoint", self.root) from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Shape without reading the data."""
+        return tuple(self._open(self.file_of(name)).get_slice(name).get_shape())
+
+    def iter_names(self, prefix: str = "") -> Iterator[str]:
+        return (n for n in self.names() if n.startswith(prefix))
+
+    def get(self, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """Return one tensor (dequantized if stored as FP8 with block scales).
+
+        With `shape`, a mismatch is a CheckpointError naming the shard and the tensor.
+        """
+        path = self.file_of(name)
+        try:
+            tensor = self._open(path).get_tensor(name)
+        except CheckpointError:
+            raise
+        except Exception as exc:
+            raise CheckpointError(f"cannot read tensor {name!r} ({exc})", path) from None
+        scale_name = name + "_scale_inv"
+        if tensor.dtype == getattr(torch, "float8_e4m3fn", None) and scale_name in self:
+            tensor = dequantize_fp8_blocks(tensor, self.get(scale_name))
+        if shape is not None and tuple(tensor.shape) != tuple(shape):
+            raise CheckpointError(
+                f"tensor {name!r} has shape {list(tensor.shape)}, config.json implies {list(shape)}", path
+            )
+        return tensor
+
+    def get_expert_slice(self, name: str, index: int) -> torch.Tensor:
+        """Row `index` of a fused 3-D expert tensor, read without loading the other experts."""
+        path = self.file_of(name)
+        sl = self._open(path).get_slice(name)
+        return sl[index : index + 1][0]
+
+    def file(self, name: str) -> Path:
+        return self.root / name
+
+    def read_optional_json(self, name: str) -> dict | None:
+        path = self.root / name
+        return read_json(path) if path.is_file() else None
+
+
+def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block: int = FP8_BLOCK) -> torch.Tensor:
+    """DeepSeek-V3 FP8 layout: weight[i, j] * scale_inv[i // block, j // block], returned as float32."""
+    rows, cols = weight.shape
+    scale = scale_inv.float().repeat_interleave(block, 0).repeat_interleave(block, 1)[:rows, :cols]
+    return weight.float() * scale
+
+
+def open_checkpoint(ref: str | Path, revision: str | None = None) -> Checkpoint:
+    """Resolve a folder or hub id and open it."""
+    return Checkpoint(resolve_model_dir(ref, revision))

@@ -1,0 +1,300 @@
+"""Building blocks shared by every family: norms, rotary embeddings, attention with a KV cache,
+dense SwiGLU MLPs and the sparse MoE block.
+
+Module and parameter names follow the Hugging Face checkpoints (`self_attn.q_proj`, `mlp.gate`...)
+so that loading is a name-for-name copy. Everything is batch-1: activations are `[T, hidden]`.
+The arithmetic mirrors `transformers`' eager implementations (same op order, norms in float32)
+so that logits match it to ~1e-6 in float32.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe_local.experts import ACTIVATIONS, ExpertProvider
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+# --------------------------------------------------------------------------- rotary embeddings
+@dataclass
+class RopeConfig:
+    """The rotary-embedding settings of config.json, old (`rope_scaling`) or new (`rope_parameters`) style."""
+
+    dim: int
+    theta: float = 10000.0
+    kind: str = "default"  # default | linear | yarn
+    factor: float = 1.0
+    original_max_position: int | None = None
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+
+    @classmethod
+    def from_config(cls, cfg: dict, dim: int) -> "RopeConfig":
+        params = dict(cfg.get("rope_parameters") or {})
+        scaling = cfg.get("rope_scaling") or {}
+        params = {**scaling, **params}
+        theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        kind = params.get("rope_type", params.get("type", "default")) or "default"
+        return cls(
+            dim=dim,
+            theta=float(theta),
+            kind=kind,
+            factor=float(params.get("factor", 1.0) or 1.0),
+            original_max_position=params.get("original_max_position_embeddings"),
+            beta_fast=float(params.get("beta_fast", 32.0) or 32.0),
+            beta_slow=float(params.get("beta_slow", 1.0) or 1.0),
+            mscale=params.get("mscale"),
+            mscale_all_dim=params.get("mscale_all_dim"),
+        )
+
+
+def yarn_get_mscale(scale: float = 1.0, mscale: float = 1.0) -> float:
+    if scale <= 1:
+        return 1.0
+    return 0.1 * mscale * math.log(scale) + 1.0
+
+
+def rope_inv_freq(rope: RopeConfig, max_position: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies and the cos/sin scale ("attention factor") for a rope kind."""
+    dim = rope.dim
+    base = rope.theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
+    inv_freq = 1.0 / base
+    if rope.kind in ("default", None):
+        return inv_freq, 1.0
+    if rope.kind == "linear":
+        return inv_freq / rope.factor, 1.0
+    if rope.kind == "yarn":
+        factor = rope.factor
+        original = rope.original_max_position or max_position
+        if rope.mscale and rope.mscale_all_dim:
+            attention_factor = yarn_get_mscale(factor, rope.mscale) / yarn_get_mscale(factor, rope.mscale_all_dim)
+        else:
+            attention_factor = yarn_get_mscale(factor)
+
+        def correction_dim(num_rotations: float) -> float:
+            return (dim * math.log(original / (num_rotations * 2 * math.pi))) / (2 * math.log(rope.theta))
+
+        low = max(math.floor(correction_dim(rope.beta_fast)), 0)
+        high = min(math.ceil(correction_dim(rope.beta_slow)), dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = (torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)
+        ramp = torch.clamp(ramp, 0, 1)
+        extrapolation = 1.0 - ramp
+        inv_freq = (inv_freq / factor) * (1 - extrapolation) + inv_freq * extrapolation
+        return inv_freq, attention_factor
+    raise ValueError(f"unsupported rope type {rope.kind!r}")
+
+
+class Rope:
+    """Precomputed cos/sin tables for positions [0, max_len); not a module (nothing to load)."""
+
+    def __init__(self, rope: RopeConfig, max_len: int, device: torch.device, dtype: torch.dtype) -> None:
+        inv_freq, scale = rope_inv_freq(rope, max_len)
+        t = torch.arange(max_len, dtype=torch.int64).float()
+        freqs = torch.outer(t, inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.cos = (emb.cos() * scale).to(device=device, dtype=dtype)
+        self.sin = (emb.sin() * scale).to(device=device, dtype=dtype)
+
+    def __call__(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cos[start : start + length], self.sin[start : start + length]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [heads, T, d]; cos/sin: [T, d]."""
+    return x * cos + rotate_half(x) * sin
+
+
+def attention_mask(start: int, length: int, device: torch.device, window: int | None = None) -> torch.Tensor:
+    """Boolean [length, start+length]: query i (at position start+i) may see key j."""
+    q = torch.arange(start, start + length, device=device)[:, None]
+    k = torch.arange(start + length, device=device)[None, :]
+    mask = k <= q
+    if window is not None:
+        mask &= k > q - window
+    return mask
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """Eager softmax attention, softmax in float32 like the reference. q: [h, T, d]; k, v: [h, S, d]."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, v)
+
+
+class KVCache:
+    """Preallocated keys and values for one attention layer, batch 1: [heads, max_len, dim]."""
+
+    def __init__(self, heads: int, max_len: int, k_dim: int, v_dim: int, device, dtype) -> None:
+        self.k = torch.zeros(heads, max_len, k_dim, device=device, dtype=dtype)
+        self.v = torch.zeros(heads, max_len, v_dim, device=device, dtype=dtype)
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + k.shape[1]
+        self.k[:, start:end] = k
+        self.v[:, start:end] = v
+        return self.k[:, :end], self.v[:, :end]
+
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+
+
+@dataclass
+class AttentionOptions:
+    """The ways standard multi-head attention differs between families."""
+
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    qkv_bias: bool = False
+    qk_norm: str | None = None  # None | "head" (Qwen3: per head, before RoPE) | "full" (OLMoE: whole projection)
+    clip_qkv: float | None = None
+    sliding_window: int | None = None
+    rms_eps: float = 1e-6
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with RoPE and a preallocated KV cache."""
+
+    def __init__(self, o: AttentionOptions) -> None:
+        super().__init__()
+        self.o = o
+        self.q_proj = nn.Linear(o.hidden, o.heads * o.head_dim, bias=o.qkv_bias)
+        self.k_proj = nn.Linear(o.hidden, o.kv_heads * o.head_dim, bias=o.qkv_bias)
+        self.v_proj = nn.Linear(o.hidden, o.kv_heads * o.head_dim, bias=o.qkv_bias)
+        self.o_proj = nn.Linear(o.heads * o.head_dim, o.hidden, bias=False)
+        if o.qk_norm == "head":
+            self.q_norm = RMSNorm(o.head_dim, o.rms_eps)
+            self.k_norm = RMSNorm(o.head_dim, o.rms_eps)
+        elif o.qk_norm == "full":
+            self.q_norm = RMSNorm(o.heads * o.head_dim, o.rms_eps)
+            self.k_norm = RMSNorm(o.kv_heads * o.head_dim, o.rms_eps)
+        self.cache: KVCache | None = None
+
+    def setup_cache(self, max_len: int, device, dtype) -> None:
+        self.cache = KVCache(self.o.kv_heads, max_len, self.o.head_dim, self.o.head_dim, device, dtype)
+
+    def forward(self, x: torch.Tensor, start: int, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        o, T = self.o, x.shape[0]
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if o.clip_qkv is not None:
+            q, k, v = (t.clamp(-o.clip_qkv, o.clip_qkv) for t in (q, k, v))
+        if o.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(T, o.heads, o.head_dim)
+        k = k.view(T, o.kv_heads, o.head_dim)
+        if o.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(0, 1), k.transpose(0, 1)
+        v = v.view(T, o.kv_heads, o.head_dim).transpose(0, 1)
+        cos, sin = rope
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        assert self.cache is not None, "call model.setup_cache() first"
+        k, v = self.cache.update(start, k, v)
+        groups = o.heads // o.kv_heads
+        if groups > 1:
+            k = k.repeat_interleave(groups, dim=0)
+            v = v.repeat_interleave(groups, dim=0)
+        mask = attention_mask(start, T, x.device, o.sliding_window)
+        out = attend(q, k, v, mask, o.head_dim**-0.5)
+        return self.o_proj(out.transpose(0, 1).reshape(T, -1))
+
+
+class MLP(nn.Module):
+    """Dense SwiGLU MLP (dense layers, shared experts)."""
+
+    def __init__(self, hidden: int, inter: int, act: str = "silu") -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+        self.act = ACTIVATIONS[act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """The gate of an MoE layer: a linear map to expert logits and a family-specific top-k rule.
+
+    `select(logits_input) -> (ids [T, k], weights [T, k])`. Kept as a module of its own so the
+    cache can apply later layers' routers to the current hidden state to predict their experts.
+    """
+
+    def __init__(self, hidden: int, num_experts: int, rule: Callable[["Router", torch.Tensor], tuple]) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden))
+        self.rule = rule
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.rule(self, x)
+
+
+class ExpertsHandle:
+    """Plain (non-module) holder so the provider is never registered as model parameters."""
+
+    def __init__(self) -> None:
+        self.provider: ExpertProvider | None = None
+
+
+class SparseMoE(nn.Module):
+    """Route, run the routed experts through the provider, add shared experts if any."""
+
+    def __init__(
+        self,
+        layer: int,
+        router: Router,
+        handle: ExpertsHandle,
+        shared: nn.Module | None = None,
+        shared_name: str = "shared_experts",
+        shared_gate: bool = False,
+        hidden: int = 0,
+    ) -> None:
+        super().__init__()
+        self.layer = layer
+        self.gate = router
+        self.handle = handle
+        self.shared_name = shared_name if shared is not None else None
+        if shared is not None:
+            setattr(self, shared_name, shared)
+        self.shared_expert_gate = nn.Linear(hidden, 1, bias=False) if shared_gate else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids, weights = self.gate(x)
+        provider = self.handle.provider
+        assert provider is not None, "no expert provider attached (see moe_local.runtime.load_model)"
+        y = provider.forward(self.layer, x, ids, weights)
+        if self.shared_name is not None:
+            shared = getattr(self, self.shared_name)(x)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+            y = y + shared
+        return y

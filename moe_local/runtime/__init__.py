@@ -1,0 +1,1 @@
+"""Sequences: loading a model for running, KV cache sizing, sampling, generation, templates, timing."""

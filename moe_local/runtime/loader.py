@@ -1,0 +1,87 @@
+"""Load a model reference into something that can generate: model + expert provider (+ tokenizer).
+
+This is the one place that knows how the pieces meet: the checkpoint (or pack) supplies the
+non-expert weights to the model and the routed experts to an ExpertProvider, which is attached to
+the model through its expert handle. Swapping `ResidentExperts` for the tiered cache happens here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from moe_local.experts import ExpertProvider, ExpertSource, ResidentExperts
+from moe_local.loading.checkpoint import Checkpoint
+from moe_local.loading.hf_experts import CheckpointExperts
+from moe_local.loading.hub import resolve_model_dir
+from moe_local.models import CausalLM, build_model, load_weights
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+ProviderFactory = Callable[[ExpertSource, CausalLM, torch.device, torch.dtype], ExpertProvider]
+
+
+def resident_provider(source: ExpertSource, model: CausalLM, device: torch.device, dtype: torch.dtype) -> ExpertProvider:
+    return ResidentExperts(source, act=model.args.hidden_act, device=device, dtype=dtype)
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPUs (what checkpoints ship in); float32 on CPUs, whose bf16 matmuls are slow and lossy."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        from moe_local.errors import MoeLocalError
+
+        raise MoeLocalError("--device cuda asked for, but torch sees no CUDA device")
+    return device
+
+
+@dataclass
+class LoadedModel:
+    model: CausalLM
+    root: Path
+    config: dict
+    source: ExpertSource
+    provider: ExpertProvider
+    device: torch.device
+    dtype: torch.dtype
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def open_weights(root: Path):
+    """A Checkpoint for a Hugging Face folder; a pack reader for a moe-local pack (see moe_local.quant.pack)."""
+    return Checkpoint(root)
+
+
+def expert_source_for(weights, model: CausalLM) -> ExpertSource:
+    a = model.args
+    return CheckpointExperts(weights, model.expert_layout(), a.moe_layers, a.num_experts,
+                             a.hidden_size, a.moe_intermediate_size)
+
+
+def load_model(
+    ref: str | Path,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    provider: ProviderFactory = resident_provider,
+    revision: str | None = None,
+) -> LoadedModel:
+    """Resolve, build, fill and attach experts. Raises MoeLocalError subclasses on bad input."""
+    dev = resolve_device(device) if not isinstance(device, torch.device) else device
+    dt = DTYPES[dtype] if isinstance(dtype, str) else (dtype or default_dtype(dev))
+    root = resolve_model_dir(ref, revision)
+    weights = open_weights(root)
+    model = build_model(weights.config)
+    load_weights(model, weights, dev, dt)
+    source = expert_source_for(weights, model)
+    prov = provider(source, model, dev, dt)
+    model.experts.provider = prov
+    return LoadedModel(model, root, weights.config, source, prov, dev, dt)
