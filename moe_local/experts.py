@@ -151,3 +151,28 @@ class ResidentExperts:
 
     def nbytes(self) -> int:
         return sum(w.nbytes() for w in self.experts.values())
+
+
+class ExpertBytesSource(ExpertSource, Protocol):
+    """Experts stored as one contiguous byte range each (a moe-local pack): what the tiered cache pages.
+
+    Implemented by the pack reader (moe_local.quant.pack). The cache copies `view(l, e)` (or
+    `read_into`) into a slot of its own (pinned RAM, GPU) and then calls `decode(slot_bytes, l, e)`
+    to get compute-ready packed weights that *view* that slot, expanded only inside their matmul.
+    """
+
+    def expert_nbytes(self, layer: int, expert: int) -> int: ...
+
+    def max_expert_nbytes(self) -> int: ...
+
+    def view(self, layer: int, expert: int) -> torch.Tensor:
+        """uint8 tensor over the memory-mapped range (zero copy; the OS pages it in)."""
+        ...
+
+    def read_into(self, layer: int, expert: int, out: torch.Tensor, verify: bool = True) -> None:
+        """One read of the expert's range into `out` (uint8, CPU, maybe pinned); checksum-checked."""
+        ...
+
+    def decode(self, buf: torch.Tensor, layer: int, expert: int) -> ExpertWeights:
+        """Compute-ready weights viewing `buf` (any device) without copying it."""
+        ...

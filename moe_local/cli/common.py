@@ -1,0 +1,42 @@
+"""What every command shares: one-line errors with a non-zero exit, and the consoles."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Callable, TypeVar
+
+import typer
+from rich.console import Console
+
+from moe_local.errors import MoeLocalError
+
+F = TypeVar("F", bound=Callable)
+
+# Results go to stdout; progress, timings and errors to stderr, so `--json` output stays clean.
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def fail(message: str, code: int = 1) -> "typer.Exit":
+    """Print one red line on stderr and return the Exit to raise."""
+    err.print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
+    return typer.Exit(code)
+
+
+def user_errors(fn: F) -> F:
+    """Turn MoeLocalError (and a few OS errors a user causes) into one line + exit 1, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MoeLocalError as exc:
+            raise fail(str(exc)) from None
+        except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+            raise fail(f"{exc.filename}: {exc.strerror}") from None
+        except KeyboardInterrupt:
+            err.print("interrupted")
+            sys.exit(130)
+
+    return wrapper  # type: ignore[return-value]
