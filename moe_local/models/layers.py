@@ -47,6 +47,8 @@ class RopeConfig:
     beta_slow: float = 1.0
     mscale: float | None = None
     mscale_all_dim: float | None = None
+    attention_factor: float | None = None  # explicit cos/sin scale; YaRN infers it from factor/mscale otherwise
+    truncate: bool = True  # YaRN: round the correction range to whole dims (transformers' default)
 
     @classmethod
     def from_config(cls, cfg: dict, dim: int) -> "RopeConfig":
@@ -55,16 +57,26 @@ class RopeConfig:
         params = {**scaling, **params}
         theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
         kind = params.get("rope_type", params.get("type", "default")) or "default"
+        # As transformers' standardize_rope_params: a top-level original_max_position_embeddings
+        # wins, else the rope dict's, else max_position_embeddings (never the cache length).
+        original = cfg.get("original_max_position_embeddings") or params.get("original_max_position_embeddings") \
+            or cfg.get("max_position_embeddings")
+        factor = params.get("factor")
+        if factor is None:
+            # DeepSeek-style configs may omit factor: it is the context extension ratio
+            factor = cfg["max_position_embeddings"] / original if kind == "yarn" and original else 1.0
         return cls(
             dim=dim,
             theta=float(theta),
             kind=kind,
-            factor=float(params.get("factor", 1.0) or 1.0),
-            original_max_position=params.get("original_max_position_embeddings"),
-            beta_fast=float(params.get("beta_fast", 32.0) or 32.0),
-            beta_slow=float(params.get("beta_slow", 1.0) or 1.0),
+            factor=float(factor),
+            original_max_position=original,
+            beta_fast=float(params.get("beta_fast") or 32.0),
+            beta_slow=float(params.get("beta_slow") or 1.0),
             mscale=params.get("mscale"),
             mscale_all_dim=params.get("mscale_all_dim"),
+            attention_factor=params.get("attention_factor"),
+            truncate=bool(params.get("truncate", True)),
         )
 
 
@@ -84,25 +96,30 @@ def rope_inv_freq(rope: RopeConfig, max_position: int) -> tuple[torch.Tensor, fl
     if rope.kind == "linear":
         return inv_freq / rope.factor, 1.0
     if rope.kind == "yarn":
+        # Mirrors transformers' _compute_yarn_parameters op for op (so the tables agree to the last bit).
         factor = rope.factor
         original = rope.original_max_position or max_position
-        if rope.mscale and rope.mscale_all_dim:
-            attention_factor = yarn_get_mscale(factor, rope.mscale) / yarn_get_mscale(factor, rope.mscale_all_dim)
-        else:
-            attention_factor = yarn_get_mscale(factor)
+        attention_factor = rope.attention_factor
+        if attention_factor is None:
+            if rope.mscale and rope.mscale_all_dim:
+                attention_factor = yarn_get_mscale(factor, rope.mscale) / yarn_get_mscale(factor, rope.mscale_all_dim)
+            else:
+                attention_factor = yarn_get_mscale(factor)
 
         def correction_dim(num_rotations: float) -> float:
             return (dim * math.log(original / (num_rotations * 2 * math.pi))) / (2 * math.log(rope.theta))
 
-        low = max(math.floor(correction_dim(rope.beta_fast)), 0)
-        high = min(math.ceil(correction_dim(rope.beta_slow)), dim - 1)
+        low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
+        if rope.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
         if low == high:
             high += 0.001
-        ramp = (torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)
-        ramp = torch.clamp(ramp, 0, 1)
+        ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
         extrapolation = 1.0 - ramp
-        inv_freq = (inv_freq / factor) * (1 - extrapolation) + inv_freq * extrapolation
-        return inv_freq, attention_factor
+        pos_freqs = rope.theta ** (torch.arange(0, dim, 2).float() / dim)
+        inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+        return inv_freq, float(attention_factor)
     raise ValueError(f"unsupported rope type {rope.kind!r}")
 
 
@@ -175,8 +192,9 @@ class AttentionOptions:
     kv_heads: int
     head_dim: int
     qkv_bias: bool = False
+    o_bias: bool = False  # Qwen3-MoE / OLMoE `attention_bias` also puts a bias on o_proj
     qk_norm: str | None = None  # None | "head" (Qwen3: per head, before RoPE) | "full" (OLMoE: whole projection)
-    clip_qkv: float | None = None
+    clip_qkv: float | None = None  # applied after a "full" qk_norm, as OLMoE does
     sliding_window: int | None = None
     rms_eps: float = 1e-6
 
@@ -190,7 +208,7 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(o.hidden, o.heads * o.head_dim, bias=o.qkv_bias)
         self.k_proj = nn.Linear(o.hidden, o.kv_heads * o.head_dim, bias=o.qkv_bias)
         self.v_proj = nn.Linear(o.hidden, o.kv_heads * o.head_dim, bias=o.qkv_bias)
-        self.o_proj = nn.Linear(o.heads * o.head_dim, o.hidden, bias=False)
+        self.o_proj = nn.Linear(o.heads * o.head_dim, o.hidden, bias=o.o_bias)
         if o.qk_norm == "head":
             self.q_norm = RMSNorm(o.head_dim, o.rms_eps)
             self.k_norm = RMSNorm(o.head_dim, o.rms_eps)
@@ -205,10 +223,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, start: int, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         o, T = self.o, x.shape[0]
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        if o.clip_qkv is not None:
-            q, k, v = (t.clamp(-o.clip_qkv, o.clip_qkv) for t in (q, k, v))
         if o.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
+        if o.clip_qkv is not None:
+            q, k, v = (t.clamp(-o.clip_qkv, o.clip_qkv) for t in (q, k, v))
         q = q.view(T, o.heads, o.head_dim)
         k = k.view(T, o.kv_heads, o.head_dim)
         if o.qk_norm == "head":
@@ -249,13 +267,18 @@ class Router(nn.Module):
     cache can apply later layers' routers to the current hidden state to predict their experts.
     """
 
-    def __init__(self, hidden: int, num_experts: int, rule: Callable[["Router", torch.Tensor], tuple]) -> None:
+    def __init__(self, hidden: int, num_experts: int, rule: Callable[["Router", torch.Tensor], tuple],
+                 cast_weights: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_experts, hidden))
         self.rule = rule
+        # Qwen-MoE / OLMoE cast the float32 top-k weights to the hidden dtype before scaling expert
+        # outputs (Mixtral does not); in bf16 this changes the sums, so it is a per-family switch.
+        self.cast_weights = cast_weights
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.rule(self, x)
+        ids, weights = self.rule(self, x)
+        return ids, (weights.to(x.dtype) if self.cast_weights else weights)
 
 
 class ExpertsHandle:
