@@ -49,6 +49,7 @@ def load_weights(model: CausalLM, ckpt, device: torch.device | str, dtype: torch
     Routed experts are skipped: they belong to an ExpertProvider, never to the model.
     """
     state: dict[str, torch.Tensor] = {}
+    keep_fp32 = getattr(model, "keep_fp32", ())  # e.g. DeepSeek-V3's routing bias: selection-critical
     for name, param in model.named_parameters():
         src = model.sanitize(name)
         if src not in ckpt:
@@ -56,7 +57,8 @@ def load_weights(model: CausalLM, ckpt, device: torch.device | str, dtype: torch
                 continue
             raise CheckpointError(f"tensor {src!r} (needed by {model.family}) is missing", ckpt.root)
         tensor = ckpt.get(src, shape=tuple(param.shape))
-        state[name] = tensor.to(device=device, dtype=dtype)
+        want = torch.float32 if name.rsplit(".", 1)[-1] in keep_fp32 else dtype
+        state[name] = tensor.to(device=device, dtype=want)
         if progress is not None:
             progress(1)
     if "lm_head.weight" not in state:
