@@ -40,8 +40,9 @@ def reference_logits(ref, ids: torch.Tensor) -> torch.Tensor:
 
 def reference_greedy(ref, ids: torch.Tensor, n: int = GREEDY_TOKENS) -> list[int]:
     with torch.no_grad():
-        out = ref.generate(ids[None], max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                           pad_token_id=0, eos_token_id=None)
+        # An explicit mask: otherwise transformers treats prompt ids equal to pad_token_id as padding.
+        out = ref.generate(ids[None], attention_mask=torch.ones_like(ids[None]), max_new_tokens=n,
+                           min_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None)
     return out[0, ids.shape[0]:].tolist()
 
 

@@ -58,13 +58,38 @@ class LoadedModel:
 
 def open_weights(root: Path):
     """A Checkpoint for a Hugging Face folder; a pack reader for a moe-local pack (see moe_local.quant.pack)."""
-    return Checkpoint(root)
+    from moe_local.quant.pack import Pack, is_pack
+
+    return Pack(root) if is_pack(root) else Checkpoint(root)
 
 
 def expert_source_for(weights, model: CausalLM) -> ExpertSource:
+    """The pack itself (an ExpertBytesSource) for a pack; routed experts read from the checkpoint otherwise."""
+    from moe_local.quant.pack import Pack
+
     a = model.args
+    if isinstance(weights, Pack):
+        if list(weights.moe_layers) != list(a.moe_layers) or weights.num_experts != a.num_experts:
+            from moe_local.errors import CheckpointError
+
+            raise CheckpointError(
+                f"pack holds experts of layers {weights.moe_layers} x {weights.num_experts}, config.json implies "
+                f"layers {a.moe_layers} x {a.num_experts}", weights.manifest_path)
+        return weights
     return CheckpointExperts(weights, model.expert_layout(), a.moe_layers, a.num_experts,
                              a.hidden_size, a.moe_intermediate_size)
+
+
+def build_model_for(config: dict, root: Path) -> CausalLM:
+    """build_model, with config errors naming the config.json they came from."""
+    from moe_local.errors import ConfigError
+
+    try:
+        return build_model(config)
+    except ConfigError as exc:
+        if exc.path is not None:
+            raise
+        raise ConfigError(str(exc), root / "config.json") from None
 
 
 def load_model(
@@ -79,7 +104,7 @@ def load_model(
     dt = DTYPES[dtype] if isinstance(dtype, str) else (dtype or default_dtype(dev))
     root = resolve_model_dir(ref, revision)
     weights = open_weights(root)
-    model = build_model(weights.config)
+    model = build_model_for(weights.config, root)
     load_weights(model, weights, dev, dt)
     source = expert_source_for(weights, model)
     prov = provider(source, model, dev, dt)

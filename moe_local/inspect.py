@@ -1,0 +1,137 @@
+"""What a model is and what running it costs, from config.json and safetensors headers alone.
+
+Nothing here reads tensor data: the model is built on the meta device (shapes only) to count the
+non-expert parameters and size the KV cache, and the shards' JSON headers give the stored dtypes
+and bytes. So `moe-local inspect` answers "will this fit?" in a second, even for a 600 GB model.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+from moe_local.errors import CheckpointError
+from moe_local.loading.checkpoint import Checkpoint
+from moe_local.loading.hub import resolve_model_dir
+from moe_local.runtime.loader import build_model_for
+
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
+               "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+RUN_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def read_safetensors_header(path: Path) -> dict[str, dict]:
+    """name -> {"dtype", "shape", "data_offsets"} from the header (8-byte length + JSON), no tensor data read."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise CheckpointError("is too short to be a safetensors file; is it truncated?", path)
+            (n,) = struct.unpack("<Q", raw)
+            header = json.loads(f.read(n)) if n < 100_000_000 else None
+            size = f.seek(0, 2)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        header = None
+    if not isinstance(header, dict):
+        raise CheckpointError("has an unreadable safetensors header; is it truncated?", path)
+    header.pop("__metadata__", None)
+    end = max((int(t["data_offsets"][1]) for t in header.values()), default=0)
+    if 8 + n + end > size:
+        raise CheckpointError(f"is truncated: its header needs {8 + n + end} bytes, the file has {size}", path)
+    return header
+
+
+@dataclass
+class ModelSummary:
+    path: str
+    family: str
+    layers: int
+    moe_layers: int
+    experts_per_layer: int
+    top_k: int
+    shared_experts: int
+    hidden_size: int
+    expert_intermediate_size: int
+    context_length: int
+    checkpoint_dtype: str
+    checkpoint_bytes: int
+    total_params: int
+    active_params: int
+    dense_params: int  # everything that is not a routed expert (attention, norms, embeddings, routers, shared experts)
+    expert_params: int  # one routed expert
+    bytes_per_expert: int  # one routed expert as stored in the checkpoint
+    run_dtype: str
+    kv_bytes_per_token: int
+    memory_all_resident: int  # dense + all experts + KV cache at full context, in run_dtype
+    memory_min_offload: int  # dense + top-k experts per MoE layer + KV cache at full context
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _shared_experts(config: dict) -> int:
+    if config.get("n_shared_experts"):
+        return int(config["n_shared_experts"])
+    return 1 if config.get("shared_expert_intermediate_size") else 0
+
+
+def summarize(ref: str | Path, run_dtype: str = "bfloat16") -> ModelSummary:
+    root = resolve_model_dir(ref)
+    ckpt = Checkpoint(root)
+    config = ckpt.config
+    model = build_model_for(config, root)  # meta device: shapes, no memory
+    a = model.args
+
+    headers: dict[str, dict] = {}
+    for shard in sorted({ckpt.file_of(n) for n in ckpt.names()}):
+        headers.update(read_safetensors_header(shard))
+    on_disk = sum(int(t["data_offsets"][1]) - int(t["data_offsets"][0]) for t in headers.values())
+
+    layout = model.expert_layout()
+    expert_dtypes = [headers[n]["dtype"] for n in headers if n.startswith(layout.prefix(a.moe_layers[0]) + ".")
+                     and not n.endswith("_scale_inv")] if a.moe_layers else []
+    dtype = expert_dtypes[0] if expert_dtypes else next(iter(headers.values()))["dtype"]
+
+    dense = sum(p.numel() for n, p in model.named_parameters()
+                if not (a.tie_word_embeddings and n == "lm_head.weight"))
+    per_expert = 3 * a.hidden_size * a.moe_intermediate_size
+    n_moe = len(a.moe_layers)
+    total = dense + n_moe * a.num_experts * per_expert
+    active = dense + n_moe * a.num_experts_per_tok * per_expert
+
+    model.setup_cache(1)  # meta tensors: counts elements, allocates nothing
+    kv_elems = model.kv_cache_bytes() // model.lm_head.weight.element_size()
+    bpe = RUN_DTYPE_BYTES[run_dtype]
+    ctx = int(a.max_position_embeddings)
+    kv_total = kv_elems * bpe * ctx
+    return ModelSummary(
+        path=str(root), family=model.family, layers=a.num_hidden_layers, moe_layers=n_moe,
+        experts_per_layer=a.num_experts, top_k=a.num_experts_per_tok, shared_experts=_shared_experts(config),
+        hidden_size=a.hidden_size, expert_intermediate_size=a.moe_intermediate_size, context_length=ctx,
+        checkpoint_dtype=dtype, checkpoint_bytes=on_disk, total_params=total, active_params=active,
+        dense_params=dense, expert_params=per_expert, bytes_per_expert=per_expert * DTYPE_BYTES.get(dtype, 2),
+        run_dtype=run_dtype, kv_bytes_per_token=kv_elems * bpe,
+        memory_all_resident=total * bpe + kv_total, memory_min_offload=active * bpe + kv_total,
+    )
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
+
+
+def human_count(n: float) -> str:
+    for unit in ("", "K", "M", "B", "T"):
+        if abs(n) < 1000 or unit == "T":
+            return f"{n:.0f}" if unit == "" else f"{n:.2f}{unit}"
+        n /= 1000
+    return f"{n:.2f}T"
+
+
+__all__ = ["ModelSummary", "human_bytes", "human_count", "read_safetensors_header", "summarize"]

@@ -1,0 +1,134 @@
+"""The real `moe-local` commands on a tiny Mixtral with a tiny real tokenizer (typer's CliRunner)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from moe_local.cli.app import app
+from moe_local.runtime.tokenizer import load_tokenizer
+from tests.tiny_tokenizer import save_chat_model
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli_model")
+    ref = save_chat_model(path)
+    return path, ref
+
+
+def run(*args: str, input: str | None = None):
+    result = runner.invoke(app, [str(a) for a in args], input=input)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def gen_json(path, *args: str) -> dict:
+    return json.loads(run("generate", path, "--json", *args).stdout)
+
+
+def test_generate_streams_text_and_prints_one_timing_line(model):
+    r = run("generate", model[0], "--prompt", "hello experts", "-n", "12", "--seed", "1")
+    assert r.stdout.strip()  # the continuation
+    timing = [line for line in r.stderr.splitlines() if line.startswith("prompt ")]
+    assert len(timing) == 1
+    n_prompt = len(load_tokenizer(model[0]).encode("hello experts"))
+    assert timing[0].startswith(f"prompt {n_prompt} tokens (") and "generated 12 tokens (" in timing[0] and "TTFT" in timing[0]
+
+
+def test_generate_json_fields_and_greedy_parity_with_transformers(model):
+    out = gen_json(model[0], "--prompt", "hello experts", "-n", "16", "--temperature", "0", "--ignore-eos")
+    assert set(out) >= {"prompt_tokens", "tokens", "text", "stop_reason", "timings"}
+    assert set(out["timings"]) >= {"prompt_tps", "gen_tps", "ttft_s", "token_latencies_s"}
+    assert out["stop_reason"] == "length" and len(out["tokens"]) == 16
+    x = torch.tensor([out["prompt_tokens"]])
+    with torch.no_grad():
+        ref = model[1].generate(x, attention_mask=torch.ones_like(x), max_new_tokens=16, min_new_tokens=16,
+                                do_sample=False, pad_token_id=2, eos_token_id=None)
+    assert out["tokens"] == ref[0, x.shape[1]:].tolist()
+
+
+def test_generate_prompt_from_stdin(model):
+    args = ("-n", "3", "--temperature", "0", "--ignore-eos")
+    piped = json.loads(run("generate", model[0], "--json", "--prompt", "-", *args, input="hello experts").stdout)
+    assert piped == {**gen_json(model[0], "--prompt", "hello experts", *args), "timings": piped["timings"]}
+
+
+def test_generate_seed_reproducible(model):
+    args = ("--prompt", "The quick", "-n", "12", "--temperature", "1.5", "--top-k", "0", "--min-p", "0", "--ignore-eos")
+    a = gen_json(model[0], *args, "--seed", "5")
+    assert a == {**gen_json(model[0], *args, "--seed", "5"), "timings": a["timings"]}
+    assert a["tokens"] != gen_json(model[0], *args, "--seed", "6")["tokens"]
+
+
+def test_generate_stop_string(model):
+    free = gen_json(model[0], "--prompt", "hello", "-n", "16", "--temperature", "0", "--ignore-eos")
+    text = free["text"]
+    stop = next(text[i : i + 2] for i in range(len(text) // 3, len(text) - 1)
+                if "\ufffd" not in text[i : i + 2] and text[i : i + 2].strip())
+    out = gen_json(model[0], "--prompt", "hello", "-n", "16", "--temperature", "0", "--ignore-eos", "--stop", stop)
+    assert out["stop_reason"] == "stop" and out["text"] == text[: text.index(stop)]
+
+
+def test_generate_chat_prompt_uses_the_template(model):
+    from transformers import AutoTokenizer
+
+    out = gen_json(model[0], "--prompt", "hi", "--system", "Be brief.", "-n", "2", "--temperature", "0")
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    expected = AutoTokenizer.from_pretrained(model[0]).apply_chat_template(msgs, add_generation_prompt=True)
+    expected = expected["input_ids"] if hasattr(expected, "keys") else expected
+    assert out["prompt_tokens"] == list(expected)
+
+
+def test_generate_prompt_ids_without_tokenizer(model, tmp_path):
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(model[0] / name, tmp_path / name)
+    out = gen_json(tmp_path, "--prompt-ids", "5,6,7", "-n", "4", "--temperature", "0", "--ignore-eos")
+    assert out["prompt_tokens"] == [5, 6, 7] and len(out["tokens"]) == 4 and out["text"] == ""
+    with_tok = gen_json(model[0], "--prompt-ids", "5,6,7", "-n", "4", "--temperature", "0", "--ignore-eos")
+    assert with_tok["tokens"] == out["tokens"]
+    streamed = run("generate", tmp_path, "--prompt-ids", "5,6,7", "-n", "4", "--temperature", "0", "--ignore-eos")
+    assert streamed.stdout.split() == [str(t) for t in out["tokens"]]
+
+
+def test_chat_repl(model):
+    r = run("chat", model[0], "--system", "Be brief.", "-n", "6", "--temperature", "0",
+            input="hi\n/stats\n/reset\n/help\nline one \\\nline two\n/quit\n")
+    assert "generated tokens" in r.stdout and "time to first token" in r.stdout  # /stats table
+    assert "(conversation cleared)" in r.stdout
+    assert "/reset" in r.stdout and '"""' in r.stdout  # /help documents commands and multi-line input
+    assert sum(line.startswith("prompt ") for line in r.stderr.splitlines()) == 2  # one timing line per reply
+
+
+def test_chat_eof_exits_cleanly_and_block_input(model):
+    r = run("chat", model[0], "-n", "3", "--temperature", "0", input='"""\nfirst\nsecond\n"""\n')
+    assert sum(line.startswith("prompt ") for line in r.stderr.splitlines()) == 1
+
+
+def test_chat_without_template_says_so_once(model, tmp_path):
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        shutil.copy(model[0] / name, tmp_path / name)
+    r = run("chat", tmp_path, "-n", "3", "--temperature", "0", input="hi\nagain\n/quit\n")
+    assert r.stderr.count("no chat template") == 1
+    assert sum(line.startswith("prompt ") for line in r.stderr.splitlines()) == 2
+
+
+def test_inspect_table_and_json(model):
+    r = run("inspect", model[0])
+    for label in ("mixtral", "experts per layer", "top-k", "total params", "active params", "bytes per expert",
+                  "memory, all resident"):
+        assert label in r.stdout
+    s = json.loads(run("inspect", model[0], "--json").stdout)
+    ref = model[1]
+    assert s["total_params"] == sum(p.numel() for p in ref.parameters())
+    assert (s["family"], s["layers"], s["experts_per_layer"], s["top_k"], s["shared_experts"]) == ("mixtral", 2, 4, 2, 0)
+    assert s["bytes_per_expert"] == 3 * 32 * 48 * 4  # fp32 checkpoint
+    per_expert = 3 * 32 * 48
+    assert s["active_params"] == s["total_params"] - 2 * (4 - 2) * per_expert
+    assert s["kv_bytes_per_token"] == 2 * 2 * 2 * 8 * 2  # layers x (k, v) x kv_heads x head_dim x bf16
