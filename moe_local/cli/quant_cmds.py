@@ -1,0 +1,93 @@
+"""`quantize` and `eval`: parse options, call moe_local.quant.quantize / moe_local.evaluate, render."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from moe_local.cli.common import err, out, user_errors
+
+
+def register(app: typer.Typer) -> None:
+    app.command("quantize")(quantize_cmd)
+    app.command("eval")(eval_cmd)
+
+
+@user_errors
+def quantize_cmd(
+    src: Annotated[str, typer.Argument(metavar="SRC", help="Hugging Face checkpoint folder, hub id, or DeepSeek-V3 FP8 checkpoint.")],
+    out_dir: Annotated[Path, typer.Argument(metavar="OUT", help="Folder to create the pack in.")],
+    scheme: Annotated[str, typer.Option("--scheme", "-s",
+                                        help="bf16|int8|int4|nf4|ternary|ternary-absmean or a recipe (ds-dynamic-1.58, ds-dynamic-2.2).")] = "int4",
+    group_size: Annotated[Optional[int], typer.Option("--group-size", "-g", help="Group size for grouped schemes.")] = None,
+    keep: Annotated[Optional[list[str]], typer.Option("--keep", help="PROJ=SCHEME, e.g. down_proj=int8 (repeatable).")] = None,
+    layers: Annotated[Optional[list[str]], typer.Option("--layers", help="A-B=SCHEME, e.g. 0-2=int8 (repeatable).")] = None,
+    calibration: Annotated[Optional[Path], typer.Option("--calibration", help="Token ids .npy for importance weighting.")] = None,
+    calibration_tokens: Annotated[int, typer.Option("--calibration-tokens", help="Tokens of --calibration to use.")] = 4096,
+    dense: Annotated[Optional[str], typer.Option("--dense", help="Non-expert weights: bf16 (default) or int8.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the size plan and stop.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it is an existing pack.")] = False,
+    revision: Annotated[Optional[str], typer.Option("--revision", help="Hub revision of SRC.")] = None,
+) -> None:
+    """Quantize a checkpoint's routed experts into a memory-mapped pack (streamed, verified, atomic)."""
+    from moe_local.quant.quantize import human, quantize
+    from moe_local.quant.recipes import build_recipe
+
+    recipe = build_recipe(scheme, group_size, keep, layers, dense)
+    result = quantize(src, out_dir, recipe, calibration_path=calibration, calibration_tokens=calibration_tokens,
+                      force=force, dry_run=dry_run, console=err if not dry_run else out, revision=revision)
+    if dry_run:
+        return
+    err.print(
+        f"wrote {result.out}: {human(result.pack_bytes)}, routed experts at {result.expert_bits_per_weight:.3f} bits/weight\n"
+        f"read {human(result.source_bytes)} of source tensors in {result.seconds:.2f} s "
+        f"({result.gbps:.3f} GB/s); total {result.total_seconds:.2f} s incl. verification; "
+        f"peak RSS {human(result.peak_rss)} (at start {human(result.rss_before)}; "
+        f"peak private memory while streaming {human(result.peak_anon)}, the rest is the source's page cache)"
+    )
+
+
+@user_errors
+def eval_cmd(
+    model: Annotated[str, typer.Argument(help="Checkpoint folder, hub id or pack folder.")],
+    tokens: Annotated[Path, typer.Option("--tokens", help="Token ids (.npy, uint16/int32, 1-D).")],
+    max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="Use the first N ids.")] = None,
+    window: Annotated[int, typer.Option("--window", help="Tokens per window.")] = 512,
+    reference: Annotated[Optional[str], typer.Option("--reference", help="Model to compare against (KL, top-1).")] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1 or auto.")] = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="float32, bfloat16 or float16.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Perplexity on a token file; with --reference, KL(reference || model) and top-1 agreement."""
+    from moe_local.errors import MoeLocalError
+    from moe_local.evaluate import evaluate, load_token_ids, windows
+    from moe_local.runtime.loader import DTYPES, load_model
+
+    if dtype is not None and dtype not in DTYPES:
+        raise MoeLocalError(f"bad --dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    lm = load_model(model, device=device, dtype=dtype)
+    ref = load_model(reference, device=device, dtype=dtype) if reference else None
+    ids = load_token_ids(tokens, max_tokens, lm.config.get("vocab_size"))
+    total = sum(e - s - 1 for s, e in windows(ids.numel(), window))
+    with Progress(TextColumn("[bold]scoring"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=err, transient=True) as progress:
+        task = progress.add_task("eval", total=total)
+        result = evaluate(lm, ids, window, ref, progress=lambda n: progress.update(task, advance=n))
+    if as_json:
+        out.print(json.dumps(result.to_json()), markup=False)
+        return
+    table = Table(title=f"{model} on {tokens.name}")
+    for col in ("tokens", "ppl", "nll"):
+        table.add_column(col, justify="right")
+    row = [f"{result.tokens}", f"{result.ppl:.4f}", f"{result.nll:.5f}"]
+    if ref is not None:
+        table.add_column("KL(ref||model)", justify="right")
+        table.add_column("top-1", justify="right")
+        row += [f"{result.kl:.5f}", f"{result.top1:.2%}"]
+    table.add_row(*row)
+    out.print(table)

@@ -1,0 +1,110 @@
+"""Measured quality: perplexity of a model on a token file, and its agreement with a reference model.
+
+The token ids are split into consecutive windows of W tokens; within a window every token after the
+first is scored given the window's prefix (one forward pass per window, no state carried across
+windows). perplexity = exp(mean negative log-likelihood). With a reference model (e.g. the bf16
+checkpoint for a quantized pack) we also report the mean KL(reference || ours) of the next-token
+distributions over the same positions and how often both put the same token first: KL and top-1
+see differences that perplexity averages away.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from moe_local.errors import MoeLocalError
+
+DEFAULT_WINDOW = 512
+
+
+@dataclass
+class EvalResult:
+    ppl: float
+    nll: float
+    tokens: int
+    kl: float | None = None
+    top1: float | None = None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def load_token_ids(path: str | Path, max_tokens: int | None = None, vocab_size: int | None = None,
+                   offset: int = 0) -> torch.Tensor:
+    """The first `max_tokens` ids (after `offset`) of a 1-D integer .npy file, as int64 (no pickles)."""
+    path = Path(path)
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except FileNotFoundError:
+        raise MoeLocalError("no such token file", path) from None
+    except (ValueError, OSError) as exc:
+        raise MoeLocalError(f"not a readable .npy array of token ids ({exc})", path) from None
+    if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+        raise MoeLocalError(f"expected a 1-D array of integer token ids, got {arr.ndim}-D {arr.dtype}", path)
+    end = len(arr) if max_tokens is None else min(len(arr), offset + max_tokens)
+    ids = torch.from_numpy(np.asarray(arr[offset:end], dtype=np.int64))
+    if ids.numel() < 2:
+        raise MoeLocalError(f"needs at least 2 token ids, has {ids.numel()} (after offset {offset})", path)
+    if vocab_size is not None and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise MoeLocalError(f"token ids range {int(ids.min())}..{int(ids.max())} outside the vocabulary of {vocab_size}", path)
+    return ids
+
+
+def windows(n: int, window: int) -> list[tuple[int, int]]:
+    """Consecutive [start, end) windows; a trailing window of one token scores nothing and is dropped."""
+    return [(s, min(s + window, n)) for s in range(0, n, window) if min(s + window, n) - s >= 2]
+
+
+def _logits(lm, ids: torch.Tensor) -> torch.Tensor:
+    return lm.model(ids.to(lm.device), 0).float().cpu()
+
+
+@torch.inference_mode()
+def window_logprobs(lm, ids: torch.Tensor, window: int = DEFAULT_WINDOW) -> list[torch.Tensor]:
+    """Next-token log-probabilities [T-1, vocab] per window: a reference computed once, compared many times."""
+    lm.model.setup_cache(window)
+    return [F.log_softmax(_logits(lm, ids[s:e])[:-1], dim=-1) for s, e in windows(ids.numel(), window)]
+
+
+@torch.inference_mode()
+def evaluate(lm, ids: torch.Tensor, window: int = DEFAULT_WINDOW, reference=None,
+             progress: Callable[[int], None] | None = None) -> EvalResult:
+    """Score `ids` with `lm` (a runtime.loader.LoadedModel); optionally compare with `reference`
+    (another LoadedModel, or its `window_logprobs` for the same ids and window)."""
+    if window < 2:
+        raise MoeLocalError(f"--window must be at least 2, got {window}")
+    spans = windows(ids.numel(), window)
+    lm.model.setup_cache(window)
+    if reference is not None and not isinstance(reference, list):
+        reference.model.setup_cache(window)
+    nll_sum, kl_sum, agree, scored = 0.0, 0.0, 0, 0
+    for i, (start, end) in enumerate(spans):
+        chunk = ids[start:end]
+        targets = chunk[1:]
+        logp = F.log_softmax(_logits(lm, chunk)[:-1], dim=-1)
+        nll_sum += float(-logp.gather(1, targets[:, None]).double().sum())
+        if reference is not None:
+            if isinstance(reference, list):
+                ref_logp = reference[i]
+            else:
+                ref_logp = F.log_softmax(_logits(reference, chunk)[:-1], dim=-1)
+            kl_sum += float((ref_logp.exp() * (ref_logp - logp)).sum(-1).double().sum())
+            agree += int((ref_logp.argmax(-1) == logp.argmax(-1)).sum())
+        scored += targets.numel()
+        if progress is not None:
+            progress(targets.numel())
+    nll = nll_sum / scored
+    return EvalResult(
+        ppl=math.exp(nll),
+        nll=nll,
+        tokens=scored,
+        kl=None if reference is None else kl_sum / scored,
+        top1=None if reference is None else agree / scored,
+    )

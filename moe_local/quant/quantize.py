@@ -1,0 +1,587 @@
+"""`moe-local quantize`: stream a checkpoint into a pack, one tensor at a time.
+
+The whole layout (every safetensors header, every expert's offset) is planned from tensor shapes
+and the schemes' `tensor_specs` before a single weight is read. Then each tensor is read from the
+source's memory map, quantized and written at its planned offset; only one expert (or one
+non-expert tensor) is ever held in RAM, so peak memory does not grow with the model.
+
+The pack is written into a hidden temporary folder next to OUT, re-opened and verified (every
+expert's CRC-32, every file through safe_open) and only then renamed to OUT: an interrupted or
+failed run never leaves something that looks like a pack.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import resource
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+from rich.console import Console
+from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                           TransferSpeedColumn)
+from rich.table import Table
+
+from moe_local import __version__
+from moe_local.errors import CheckpointError, MoeLocalError
+from moe_local.loading.checkpoint import Checkpoint
+from moe_local.loading.hf_experts import CheckpointExperts
+from moe_local.loading.hub import resolve_model_dir
+from moe_local.models import build_model
+from moe_local.models.base import CausalLM
+from moe_local.quant.pack import (ALIGN, COPIED_FILES, DENSE_FILE, EXPERT_FILE, FORMAT, MANIFEST, PROJECTIONS,
+                                  VERSION, ExpertLayout, Pack, SafetensorsPlan, SafetensorsWriter, crc32, is_pack,
+                                  numel, plan_expert_layout, tensor_bytes)
+from moe_local.quant.recipes import Recipe, SchemeSpec, scheme_spec
+
+SHARD_BYTES = 4 << 30  # experts per file up to this size (one expert never spans two files)
+ST_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+            "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+KEEP_1D = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+_HF_BLOB = re.compile(r"^[0-9a-f]{64}$")
+
+
+# --------------------------------------------------------------------------- the plan
+@dataclass
+class DenseItem:
+    name: str
+    shape: tuple[int, ...]
+    source_bytes: int
+    out_dtype: torch.dtype | None = None  # stored as-is in this dtype; None = quantized with `scheme`
+    scheme: Any = None
+
+
+@dataclass
+class Plan:
+    src: Path
+    ckpt: Checkpoint
+    model: CausalLM
+    experts: CheckpointExperts
+    recipe: Recipe
+    moe_layers: list[int]
+    num_experts: int
+    specs: dict[tuple[int, str], SchemeSpec]
+    layouts: dict[str, ExpertLayout]  # key -> layout (layers with identical layouts share one)
+    layout_of: dict[int, str]  # layer -> key
+    expert_files: list[SafetensorsPlan]
+    placement: dict[tuple[int, int], tuple[int, int]]  # (layer, e) -> (file index, offset in data section)
+    dense: list[DenseItem]
+    dense_plan: SafetensorsPlan
+    expert_source_bytes: int  # bytes of source expert tensors read (on disk, e.g. FP8 counts 1 byte)
+    dense_source_bytes: int
+    schemes: dict[SchemeSpec, Any] = field(default_factory=dict)
+
+    @property
+    def source_bytes(self) -> int:
+        return self.expert_source_bytes + self.dense_source_bytes
+
+    def expert_weights(self) -> int:
+        return sum(self.layouts[self.layout_of[l]].weights() for l in self.moe_layers) * self.num_experts
+
+    def expert_packed_bytes(self) -> int:
+        return sum(self.layouts[self.layout_of[l]].packed_nbytes() for l in self.moe_layers) * self.num_experts
+
+    def file_sizes(self) -> dict[str, int]:
+        sizes = {DENSE_FILE: len(self.dense_plan.header({})) + self.dense_plan.cursor}
+        for i, p in enumerate(self.expert_files):
+            sizes[EXPERT_FILE.format(i + 1)] = len(p.header({})) + p.cursor
+        return sizes
+
+
+def _st_dtype(ckpt: Checkpoint, name: str) -> str:
+    return ckpt._open(ckpt.file_of(name)).get_slice(name).get_dtype()
+
+
+def _source_nbytes(ckpt: Checkpoint, name: str) -> int:
+    return numel(ckpt.shape(name)) * ST_SIZES.get(_st_dtype(ckpt, name), 4)
+
+
+def _is_router(name: str, shape: tuple[int, ...], num_experts: int) -> bool:
+    return len(shape) == 2 and shape[0] == num_experts and name.endswith("gate.weight")
+
+
+def make_plan(src: Path, recipe: Recipe, shard_bytes: int = SHARD_BYTES) -> Plan:
+    """Everything about the pack except the data: schemes, layouts, headers, offsets, sizes."""
+    ckpt = Checkpoint(src)
+    model = build_model(ckpt.config)
+    a = model.args
+    moe_layers = list(a.moe_layers)
+    if not moe_layers or not a.num_experts:
+        raise CheckpointError("has no routed experts (nothing to pack)", src / "config.json")
+    experts = CheckpointExperts(ckpt, model.expert_layout(), moe_layers, a.num_experts, a.hidden_size,
+                                a.moe_intermediate_size)
+    H, I = a.hidden_size, a.moe_intermediate_size
+    shapes = {"gate": (I, H), "up": (I, H), "down": (H, I)}
+
+    schemes: dict[SchemeSpec, Any] = {}
+    specs: dict[tuple[int, str], SchemeSpec] = {}
+    layouts: dict[str, ExpertLayout] = {}
+    layout_of: dict[int, str] = {}
+    by_json: dict[str, str] = {}
+    for layer in moe_layers:
+        per_proj = {}
+        for proj in PROJECTIONS:
+            spec = recipe.scheme_for(layer, proj, moe_layers)
+            specs[(layer, proj)] = spec
+            if spec not in schemes:
+                schemes[spec] = spec.build()
+            per_proj[proj] = schemes[spec]
+        layout = plan_expert_layout(per_proj, shapes)
+        key = json.dumps(layout.to_json(), sort_keys=True)
+        if key not in by_json:
+            by_json[key] = str(layer)
+            layouts[str(layer)] = layout
+        layout_of[layer] = by_json[key]
+
+    for first, last, spec in recipe.layers:
+        if not any(first <= l <= last for l in moe_layers):
+            raise MoeLocalError(
+                f"--layers {first}-{last}={spec.label()} matches no MoE layer (MoE layers: {_ranges(moe_layers)})")
+
+    # expert shards: one aligned range per expert, never split across files
+    files: list[SafetensorsPlan] = [SafetensorsPlan()]
+    placement: dict[tuple[int, int], tuple[int, int]] = {}
+    for layer in moe_layers:
+        layout = layouts[layout_of[layer]]
+        for e in range(a.num_experts):
+            cur = files[-1]
+            if cur.cursor and cur.cursor + layout.nbytes > shard_bytes:
+                files.append(cur := SafetensorsPlan())
+            cur.pad_to(ALIGN)
+            start = cur.cursor
+            for proj in PROJECTIONS:
+                for t in layout.projections[proj].tensors:
+                    off = cur.add(f"model.layers.{layer}.experts.{e}.{proj}.{t.name}", t.dtype, t.shape)
+                    assert off == start + t.offset, "layout and file plan disagree"
+            placement[(layer, e)] = (len(files) - 1, start)
+
+    expert_src = 0  # bytes of source tensors read (fused tensors: all experts at once)
+    for layer in moe_layers:
+        total = sum(_source_nbytes(ckpt, n) for n in experts.tensor_names(layer, 0))
+        expert_src += total if experts.is_fused(layer) else total * a.num_experts
+
+    # non-expert weights: exactly what the model's load_weights asks for, nothing else (no MTP layers)
+    dense: list[DenseItem] = []
+    dense_plan = SafetensorsPlan()
+    int8 = scheme_spec("int8").build() if recipe.dense == "int8" else None
+    for pname, param in model.named_parameters():
+        name = model.sanitize(pname)
+        if name not in ckpt:
+            if pname == "lm_head.weight" and a.tie_word_embeddings:
+                continue
+            raise CheckpointError(f"tensor {name!r} (needed by {model.family}) is missing", src)
+        shape = tuple(ckpt.shape(name))
+        if shape != tuple(param.shape):
+            raise CheckpointError(f"tensor {name!r} has shape {list(shape)}, config.json implies {list(param.shape)}",
+                                  ckpt.file_of(name))
+        item = DenseItem(name, shape, _source_nbytes(ckpt, name))
+        st = _st_dtype(ckpt, name)
+        if len(shape) != 2:
+            item.out_dtype = KEEP_1D.get(st, torch.float32)  # norms, biases, router bias: never rounded
+        elif int8 is not None and not _is_router(name, shape, a.num_experts):
+            item.scheme = int8
+        else:
+            item.out_dtype = torch.bfloat16
+        if item.scheme is not None:
+            for part, (pshape, pdtype) in int8.tensor_specs(shape).items():
+                dense_plan.add(f"{name}:{part}", pdtype, tuple(pshape))
+        else:
+            dense_plan.add(name, item.out_dtype, shape)
+        dense.append(item)
+
+    return Plan(src, ckpt, model, experts, recipe, moe_layers, a.num_experts, specs, layouts, layout_of, files,
+                placement, dense, dense_plan, expert_src, sum(d.source_bytes for d in dense), schemes)
+
+
+# --------------------------------------------------------------------------- size plan table
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _ranges(layers: list[int]) -> str:
+    out, start, prev = [], None, None
+    for l in layers + [None]:
+        if start is None:
+            start = prev = l
+        elif l is not None and l == prev + 1:
+            prev = l
+        else:
+            out.append(f"{start}" if start == prev else f"{start}-{prev}")
+            start = prev = l
+    return ",".join(x for x in out if x != "None")
+
+
+def plan_table(plan: Plan) -> Table:
+    """Per tensor group: layers, projection, scheme, bits/weight (scales included), bytes per expert."""
+    table = Table(title=f"size plan: {plan.src} -> recipe {plan.recipe.name}", show_lines=False)
+    for col in ("layers", "projection", "scheme", "shape", "bits/weight", "bytes/expert"):
+        table.add_column(col, justify="right" if col in ("bits/weight", "bytes/expert") else "left")
+    groups: dict[tuple, list[int]] = {}
+    for layer in plan.moe_layers:
+        layout = plan.layouts[plan.layout_of[layer]]
+        for proj in PROJECTIONS:
+            p = layout.projections[proj]
+            key = (proj, plan.specs[(layer, proj)].label(), p.shape, p.packed_nbytes())
+            groups.setdefault(key, []).append(layer)
+    for (proj, label, shape, nbytes), layers in groups.items():
+        table.add_row(_ranges(layers), proj, label, "x".join(map(str, shape)),
+                      f"{8 * nbytes / numel(shape):.3f}", f"{nbytes:,}")
+    for key, layout in plan.layouts.items():
+        layers = [l for l in plan.moe_layers if plan.layout_of[l] == key]
+        table.add_row(_ranges(layers), "[bold]expert range", "", "", f"{8 * layout.packed_nbytes() / layout.weights():.3f}",
+                      f"[bold]{layout.nbytes:,}")
+    return table
+
+
+def plan_summary(plan: Plan) -> dict:
+    sizes = plan.file_sizes()
+    experts_bytes = sum(v for k, v in sizes.items() if k != DENSE_FILE)
+    return {
+        "experts": len(plan.moe_layers) * plan.num_experts,
+        "expert_bits_per_weight": 8 * plan.expert_packed_bytes() / plan.expert_weights(),
+        "expert_files": len(plan.expert_files),
+        "expert_bytes": experts_bytes,
+        "dense_scheme": plan.recipe.dense,
+        "dense_bytes": sizes[DENSE_FILE],
+        "pack_bytes": sum(sizes.values()),
+        "source_bytes": plan.source_bytes,
+    }
+
+
+def print_plan(plan: Plan, console: Console) -> None:
+    console.print(plan_table(plan))
+    s = plan_summary(plan)
+    console.print(
+        f"routed experts: {s['experts']} in {s['expert_files']} file(s), {human(s['expert_bytes'])} "
+        f"at {s['expert_bits_per_weight']:.3f} bits/weight (scales included)\n"
+        f"non-expert weights ({s['dense_scheme']}): {human(s['dense_bytes'])}\n"
+        f"pack total: {human(s['pack_bytes'])}  (source tensors: {human(s['source_bytes'])}, "
+        f"{s['pack_bytes'] / max(s['source_bytes'], 1):.1%})"
+    )
+
+
+# --------------------------------------------------------------------------- running
+@dataclass
+class QuantizeReport:
+    out: Path
+    pack_bytes: int
+    source_bytes: int
+    seconds: float  # streaming read-quantize-write phase
+    total_seconds: float
+    peak_rss: int  # VmHWM: includes touched pages of the memory-mapped source
+    rss_before: int
+    peak_anon: int  # private memory, sampled during streaming
+    expert_bits_per_weight: float
+
+    @property
+    def gbps(self) -> float:
+        return self.source_bytes / max(self.seconds, 1e-9) / 1e9
+
+
+def _sha256(path: Path) -> str:
+    """Hash of a source file; free for hub-cache files, whose blob is named by its sha256."""
+    real = path.resolve()
+    if path.is_symlink() and _HF_BLOB.match(real.name) and real.parent.name == "blobs":
+        return real.name
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(16 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _source_info(ref: str, src: Path, plan: Plan) -> dict:
+    files = {p.name for p in (plan.ckpt.file_of(d.name) for d in plan.dense)}
+    for layer in plan.moe_layers:
+        files |= {plan.ckpt.file_of(n).name for n in plan.experts.tensor_names(layer, 0)}
+    files |= {f for f in COPIED_FILES if (src / f).is_file()}
+    revision = src.name if src.parent.name == "snapshots" else None
+    return {
+        "ref": ref,
+        "path": str(src.resolve()),
+        "revision": revision,
+        "files": {f: {"bytes": (src / f).stat().st_size, "sha256": _sha256(src / f)} for f in sorted(files)},
+    }
+
+
+def _progress(console: Console | None) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[done]}/{task.fields[of]} {task.fields[unit]}"),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=console is None,
+        transient=False,
+    )
+
+
+def _check_out(src: Path, out: Path, force: bool) -> None:
+    if out.resolve() == src.resolve():
+        raise MoeLocalError("OUT is the source folder; choose another folder for the pack", out)
+    if out.exists():
+        if not force:
+            raise MoeLocalError("already exists; pass --force to replace it", out)
+        if not out.is_dir() or (any(out.iterdir()) and not is_pack(out)):
+            raise MoeLocalError("exists and is not a moe-local pack; refusing to replace it even with --force", out)
+
+
+def _write_dense(plan: Plan, tmp: Path, progress: Progress, task, mem: AnonPeak) -> None:
+    writer = SafetensorsWriter(tmp / DENSE_FILE, plan.dense_plan, {"format": "pt", "moe_local": "pack-dense"})
+    offsets = {e.name: e.offset for e in plan.dense_plan.entries}
+    try:
+        for item in plan.dense:
+            t = plan.ckpt.get(item.name, shape=item.shape)
+            if item.scheme is None:
+                writer.write_at(offsets[item.name], tensor_bytes(t.to(item.out_dtype)))
+            else:
+                packed = _quantize(item.scheme, t, None, item.name)
+                for part, p in packed.items():
+                    writer.write_at(offsets[f"{item.name}:{part}"], tensor_bytes(p))
+            mem.sample()
+            progress.update(task, advance=item.source_bytes, done=progress.tasks[task].fields["done"] + 1)
+    finally:
+        writer.close()
+    _release_source(plan)
+
+
+def _release_source(plan: Plan) -> None:
+    """Drop the source's open shards (their memory maps): pages read so far stop counting as our RSS.
+
+    Touched pages of a mapped file stay in the process's resident set until unmapped; re-opening a
+    shard costs one header parse, so releasing after each layer keeps RSS near one layer's worth.
+    """
+    plan.ckpt._handles.clear()
+
+
+def _quantize(scheme, w: torch.Tensor, importance: torch.Tensor | None, name: str) -> dict[str, torch.Tensor]:
+    try:
+        return scheme.quantize(w.float(), importance=importance)
+    except MoeLocalError as exc:
+        raise MoeLocalError(f"tensor {name!r}: {exc}") from None
+
+
+def _write_experts(plan: Plan, tmp: Path, calibration, progress: Progress, task, mem: AnonPeak) -> list[dict]:
+    writers = [SafetensorsWriter(tmp / EXPERT_FILE.format(i + 1), p, {"format": "pt", "moe_local": "pack-experts"})
+               for i, p in enumerate(plan.expert_files)]
+    ranges: list[dict] = []
+    try:
+        for layer in plan.moe_layers:
+            key = plan.layout_of[layer]
+            layout = plan.layouts[key]
+            src_names = plan.experts.tensor_names(layer, 0)
+            fused = plan.experts.is_fused(layer)
+            per_expert = sum(_source_nbytes(plan.ckpt, n) for n in src_names) // (plan.num_experts if fused else 1)
+            for e in range(plan.num_experts):
+                w = plan.experts.load(layer, e)
+                names = plan.experts.tensor_names(layer, e)
+                buf = bytearray(layout.nbytes)
+                for i, proj in enumerate(PROJECTIONS):
+                    p = layout.projections[proj]
+                    name = f"{names[0 if i < 2 else 1]}[{e}]" if fused else names[i]
+                    imp = calibration.importance(layer, e, proj) if calibration is not None else None
+                    packed = _quantize(plan.schemes[plan.specs[(layer, proj)]], getattr(w, proj), imp, name)
+                    for t in p.tensors:
+                        got = packed.get(t.name)
+                        if got is None or got.dtype != t.dtype or tuple(got.shape) != t.shape:
+                            raise MoeLocalError(
+                                f"scheme {p.scheme!r} produced {t.name!r} unlike its tensor_specs for {name!r} (a bug)")
+                        buf[t.offset : t.offset + t.nbytes] = tensor_bytes(got)
+                mem.sample()
+                fidx, start = plan.placement[(layer, e)]
+                writers[fidx].write_at(start, buf)
+                ranges.append({
+                    "layer": layer, "expert": e, "file": EXPERT_FILE.format(fidx + 1),
+                    "offset": writers[fidx].data_start + start, "length": layout.nbytes,
+                    "crc32": crc32(buf), "layout": key,
+                })
+                progress.update(task, advance=per_expert, done=progress.tasks[task].fields["done"] + 3)
+            _release_source(plan)
+    finally:
+        for w in writers:
+            w.close()
+    return ranges
+
+
+def _verify(tmp: Path, progress: Progress) -> None:
+    pack = Pack(tmp)  # every file through safe_open, every range inside its file
+    try:
+        ranges = list(pack._ranges.values())
+        total = sum(r.length for r in ranges)
+        task = progress.add_task("verifying", total=total, done=0, of=len(ranges), unit="experts")
+        buf = torch.empty(pack.max_expert_nbytes(), dtype=torch.uint8)
+        for r in ranges:
+            pack.read_into(r.layer, r.expert, buf, verify=True)
+            progress.update(task, advance=r.length, done=progress.tasks[task].fields["done"] + 1)
+        for name in pack.names():  # non-expert tensors decode with their recorded shapes
+            pack.shape(name)
+    finally:
+        pack.close()
+
+
+def _rss() -> int:
+    return psutil.Process().memory_info().rss
+
+
+class AnonPeak:
+    """Peak anonymous (private) RSS, sampled after each tensor: the memory the quantizer really holds.
+
+    Plain RSS also counts the source's memory-mapped pages that were touched; those are page cache
+    the kernel drops at will, so they say nothing about how much RAM quantizing needs.
+    """
+
+    def __init__(self) -> None:
+        self.proc = psutil.Process()
+        self.peak = 0
+        self.sample()
+
+    def sample(self) -> None:
+        m = self.proc.memory_info()
+        self.peak = max(self.peak, m.rss - getattr(m, "shared", 0))
+
+
+def quantize(
+    src_ref: str | Path,
+    out: str | Path,
+    recipe: Recipe,
+    *,
+    calibration_path: str | Path | None = None,
+    calibration_tokens: int = 4096,
+    force: bool = False,
+    dry_run: bool = False,
+    console: Console | None = None,
+    shard_bytes: int = SHARD_BYTES,
+    revision: str | None = None,
+) -> QuantizeReport | Plan:
+    """Quantize `src_ref` into a pack at `out` (or, with dry_run, return the plan after printing it)."""
+    t_start = time.perf_counter()
+    rss_before = _rss()
+    src = resolve_model_dir(src_ref, revision)
+    if is_pack(src):
+        raise MoeLocalError(
+            "is already a moe-local pack; quantize from the original checkpoint (packs are not re-quantized)", src
+        )
+    out = Path(out)
+    if not dry_run:
+        _check_out(src, out, force)
+    plan = make_plan(src, recipe, shard_bytes)
+    if dry_run:
+        print_plan(plan, console or Console())
+        return plan
+
+    calibration = None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(out)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        with _progress(console) as progress:
+            if calibration_path is not None:
+                from moe_local.quant.calibration import calibrate
+
+                ctask = progress.add_task("calibrating", total=None, done=0, of="?", unit="tokens")
+                calibration = calibrate(src, calibration_path, calibration_tokens,
+                                        progress=lambda n: progress.update(ctask, advance=n))
+            tmp.mkdir()
+            for name in COPIED_FILES:
+                if (src / name).is_file():
+                    shutil.copyfile(src / name, tmp / name)
+            n_tensors = len(plan.dense) + 3 * len(plan.placement)
+            task = progress.add_task("quantizing", total=plan.source_bytes, done=0, of=n_tensors, unit="tensors")
+            t0 = time.perf_counter()
+            mem = AnonPeak()
+            _write_dense(plan, tmp, progress, task, mem)
+            ranges = _write_experts(plan, tmp, calibration, progress, task, mem)
+            seconds = time.perf_counter() - t0
+            manifest = _manifest(plan, str(src_ref), src, ranges, calibration)
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+            _verify(tmp, progress)
+        _install(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    pack_bytes = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
+    return QuantizeReport(
+        out=out,
+        pack_bytes=pack_bytes,
+        source_bytes=plan.source_bytes,
+        seconds=seconds,
+        total_seconds=time.perf_counter() - t_start,
+        peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        rss_before=rss_before,
+        peak_anon=mem.peak,
+        expert_bits_per_weight=8 * plan.expert_packed_bytes() / plan.expert_weights(),
+    )
+
+
+def _manifest(plan: Plan, ref: str, src: Path, ranges: list[dict], calibration) -> dict:
+    dense_quantized = {
+        d.name: {
+            "scheme": d.scheme.name, "params": d.scheme.params, "shape": list(d.shape),
+            "parts": {part: f"{d.name}:{part}" for part in d.scheme.tensor_specs(d.shape)},
+        }
+        for d in plan.dense if d.scheme is not None
+    }
+    recipe = plan.recipe.to_json()
+    if calibration is not None:
+        recipe["calibration"] = calibration.summary()
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "created_by": f"moe-local {__version__}",
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source": _source_info(ref, src, plan),
+        "model_type": plan.ckpt.config.get("model_type"),
+        "recipe": recipe,
+        "dense": {
+            "file": DENSE_FILE,
+            "scheme": plan.recipe.dense,
+            "params": {} if not dense_quantized else next(iter(dense_quantized.values()))["params"],
+            "quantized": dense_quantized,
+        },
+        "experts": {
+            "moe_layers": plan.moe_layers,
+            "num_experts": plan.num_experts,
+            "hidden_size": plan.model.args.hidden_size,
+            "intermediate_size": plan.model.args.moe_intermediate_size,
+            "alignment": ALIGN,
+            "checksum": "crc32",
+            "files": [EXPERT_FILE.format(i + 1) for i in range(len(plan.expert_files))],
+            "layouts": {k: v.to_json() for k, v in plan.layouts.items()},
+            "ranges": ranges,
+        },
+    }
+
+
+def _remove_stale_partials(out: Path) -> None:
+    """Temporary folders of earlier runs for the same OUT that were killed (SIGKILL, power loss)."""
+    for path in out.parent.glob(f".{out.name}.partial-*"):
+        pid = path.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not psutil.pid_exists(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _install(tmp: Path, out: Path) -> None:
+    """Rename the verified pack into place; a replaced pack (--force) is removed only afterwards."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.rename(out, old)
+    os.rename(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
