@@ -102,7 +102,7 @@ def main() -> None:
         deq_s, deq_med = timeit(lambda: F.linear(x, scheme.dequantize(packed, shape).to(dtype)), device, args.repeat)
         fused_s = None
         if kernels_triton.available(x) and name in ("int4", "ternary"):
-            g = scheme.params["group_size"]
+            g = scheme.group_size_for(shape[1])  # narrow rows use a smaller group
             if name == "int4":
                 fn = lambda: kernels_triton.int4_gemv(x, packed["codes"], packed["scales"], packed["zeros"], shape, g)
             else:

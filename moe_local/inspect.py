@@ -3,6 +3,10 @@
 Nothing here reads tensor data: the model is built on the meta device (shapes only) to count the
 non-expert parameters and size the KV cache, and the shards' JSON headers give the stored dtypes
 and bytes. So `moe-local inspect` answers "will this fit?" in a second, even for a 600 GB model.
+
+A pack folder (moe_local.quant.pack) is described from its manifest instead: the scheme of every
+tensor group, the bytes of one expert per MoE layer, and memory figures in which the routed
+experts stay packed (that is how the runtime holds them).
 """
 
 from __future__ import annotations
@@ -11,11 +15,12 @@ import json
 import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
+from typing import Any
 
 from moe_local.errors import CheckpointError
 from moe_local.loading.checkpoint import Checkpoint
 from moe_local.loading.hub import resolve_model_dir
+from moe_local.quant.pack import Pack, is_pack
 from moe_local.runtime.loader import build_model_for
 
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
@@ -67,6 +72,9 @@ class ModelSummary:
     kv_bytes_per_token: int
     memory_all_resident: int  # dense + all experts + KV cache at full context, in run_dtype
     memory_min_offload: int  # dense + top-k experts per MoE layer + KV cache at full context
+    # For a pack: Pack.describe() (scheme per tensor group, bytes per expert per layer, sizes), each
+    # group also carrying `group_size_used` (see Scheme.group_size_for). None for a checkpoint.
+    pack: dict[str, Any] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -80,6 +88,8 @@ def _shared_experts(config: dict) -> int:
 
 def summarize(ref: str | Path, run_dtype: str = "bfloat16") -> ModelSummary:
     root = resolve_model_dir(ref)
+    if is_pack(root):
+        return summarize_pack(root, run_dtype)
     ckpt = Checkpoint(root)
     config = ckpt.config
     model = build_model_for(config, root)  # meta device: shapes, no memory
@@ -118,6 +128,99 @@ def summarize(ref: str | Path, run_dtype: str = "bfloat16") -> ModelSummary:
     )
 
 
+def _pack_groups(groups: list[dict]) -> list[dict]:
+    """describe()'s groups plus the group size each one really uses (narrow rows shrink it)."""
+    from moe_local.quant.schemes import get_scheme
+
+    out = []
+    for g in groups:
+        used = get_scheme(g["scheme"], **g["params"]).group_size_for(int(g["shape"][1]))
+        out.append({**g, "group_size_used": used})
+    return out
+
+
+def summarize_pack(root: Path, run_dtype: str = "bfloat16") -> ModelSummary:
+    """A pack: parameters from config.json, bytes from the manifest. Memory figures keep the routed
+    experts packed (as the runtime does) and count everything else in `run_dtype`."""
+    pack = Pack(root)
+    try:
+        desc = pack.describe()
+    finally:
+        pack.close()
+    desc["groups"] = _pack_groups(desc["groups"])
+    model = build_model_for(pack.config, root)  # meta device: shapes, no memory
+    a = model.args
+    dense = sum(p.numel() for n, p in model.named_parameters()
+                if not (a.tie_word_embeddings and n == "lm_head.weight"))
+    per_expert = 3 * a.hidden_size * a.moe_intermediate_size
+    n_moe = len(a.moe_layers)
+    total = dense + n_moe * a.num_experts * per_expert
+    active = dense + n_moe * a.num_experts_per_tok * per_expert
+    per_layer = desc["bytes_per_expert"]
+    model.setup_cache(1)
+    kv_elems = model.kv_cache_bytes() // model.lm_head.weight.element_size()
+    bpe = RUN_DTYPE_BYTES[run_dtype]
+    kv_total = kv_elems * bpe * int(a.max_position_embeddings)
+    schemes = sorted({g["scheme"] for g in desc["groups"]})
+    return ModelSummary(
+        path=str(root), family=model.family, layers=a.num_hidden_layers, moe_layers=n_moe,
+        experts_per_layer=a.num_experts, top_k=a.num_experts_per_tok, shared_experts=_shared_experts(pack.config),
+        hidden_size=a.hidden_size, expert_intermediate_size=a.moe_intermediate_size,
+        context_length=int(a.max_position_embeddings),
+        checkpoint_dtype="pack: " + "+".join(schemes), checkpoint_bytes=int(desc["pack_bytes"]),
+        total_params=total, active_params=active, dense_params=dense, expert_params=per_expert,
+        bytes_per_expert=int(desc["max_expert_bytes"]), run_dtype=run_dtype, kv_bytes_per_token=kv_elems * bpe,
+        memory_all_resident=dense * bpe + sum(per_layer.values()) * a.num_experts + kv_total,
+        memory_min_offload=dense * bpe + sum(per_layer.values()) * a.num_experts_per_tok + kv_total,
+        pack=desc,
+    )
+
+
+def layer_ranges(layers: list[int]) -> str:
+    """[1, 2, 3, 6] -> "1-3, 6" (for the table)."""
+    parts: list[str] = []
+    start = prev = None
+    for x in sorted(layers):
+        if prev is not None and x == prev + 1:
+            prev = x
+            continue
+        if start is not None:
+            parts.append(f"{start}-{prev}" if prev != start else str(start))
+        start = prev = x
+    if start is not None:
+        parts.append(f"{start}-{prev}" if prev != start else str(start))
+    return ", ".join(parts)
+
+
+def pack_rows(pack: dict[str, Any]) -> list[tuple[str, str]]:
+    """Table rows for a pack: what it was made from, the scheme of every tensor group, bytes per expert."""
+    src = pack.get("source") or {}
+    recipe = pack.get("recipe") or {}
+    dense = pack["dense"]
+    rows = [
+        ("pack", f"{human_bytes(pack['pack_bytes'])}, routed experts at {pack['expert_bits_per_weight']:.3f} "
+                 "bits/weight (scales included)"),
+        ("source", str(src.get("ref") or src.get("path") or "?")),
+        ("recipe", str(recipe.get("name", "?"))),
+        ("dense weights", f"{dense['scheme']} in {dense['file']} ({human_bytes(dense['bytes'])})"),
+    ]
+    for g in pack["groups"]:
+        params = dict(g["params"])
+        gs, used = params.pop("group_size", None), g.get("group_size_used")
+        desc = g["scheme"]
+        if gs is not None:
+            desc += f" g{gs}" + (f" (rows of {g['shape'][1]}: g{used})" if used != gs else "")
+        desc += "".join(f", {k}={v}" for k, v in params.items())
+        rows.append((f"{g['group']}, layers {layer_ranges(g['layers'])}",
+                     f"{desc}, [{g['shape'][0]}x{g['shape'][1]}], {g['bits_per_weight']:.3f} bits/weight"))
+    by_size: dict[int, list[int]] = {}
+    for layer, n in pack["bytes_per_expert"].items():
+        by_size.setdefault(int(n), []).append(int(layer))
+    for n, layers in sorted(by_size.items(), key=lambda kv: min(kv[1])):
+        rows.append((f"bytes per expert, layers {layer_ranges(layers)}", f"{human_bytes(n)} ({n} bytes, one aligned read)"))
+    return rows
+
+
 def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
@@ -134,4 +237,5 @@ def human_count(n: float) -> str:
     return f"{n:.2f}T"
 
 
-__all__ = ["ModelSummary", "human_bytes", "human_count", "read_safetensors_header", "summarize"]
+__all__ = ["ModelSummary", "human_bytes", "human_count", "pack_rows", "read_safetensors_header", "summarize",
+           "summarize_pack"]

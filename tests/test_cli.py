@@ -132,3 +132,32 @@ def test_inspect_table_and_json(model):
     per_expert = 3 * 32 * 48
     assert s["active_params"] == s["total_params"] - 2 * (4 - 2) * per_expert
     assert s["kv_bytes_per_token"] == 2 * 2 * 2 * 8 * 2  # layers x (k, v) x kv_heads x head_dim x bf16
+
+
+def test_inspect_a_pack_shows_schemes_per_group_and_bytes_per_expert(model, tmp_path):
+    from moe_local.quant.pack import Pack
+
+    pack = tmp_path / "pack"
+    r = runner.invoke(app, ["quantize", str(model[0]), str(pack), "--scheme", "int4", "--keep", "down_proj=int8"])
+    assert r.exit_code == 0, r.output
+    table = run("inspect", pack).stdout
+    for label in ("mixtral", "experts.gate", "experts.down", "int4 g64", "int8", "bytes per expert, layers 0-1",
+                  "largest expert", "recipe", "dense weights"):
+        assert label in table, label
+    s = json.loads(run("inspect", pack, "--json").stdout)
+    src = json.loads(run("inspect", model[0], "--json").stdout)
+    assert s["total_params"] == src["total_params"] and s["active_params"] == src["active_params"]
+    p = Pack(pack)
+    desc = p.describe()
+    assert s["checkpoint_bytes"] == desc["pack_bytes"]
+    assert s["bytes_per_expert"] == p.max_expert_nbytes()
+    assert {int(k): v for k, v in s["pack"]["bytes_per_expert"].items()} == {
+        layer: p.expert_nbytes(layer, 0) for layer in p.moe_layers
+    }
+    groups = {g["group"]: g for g in s["pack"]["groups"]}
+    assert (groups["experts.gate"]["scheme"], groups["experts.up"]["scheme"], groups["experts.down"]["scheme"]) == (
+        "int4", "int4", "int8")
+    # the tiny model's rows are 32 wide: int4's group of 64 shrinks to the row (nothing padded)
+    assert groups["experts.gate"]["params"]["group_size"] == 64 and groups["experts.gate"]["group_size_used"] == 32
+    assert groups["experts.gate"]["bits_per_weight"] == pytest.approx(4 + 24 / 32)
+    assert s["pack"]["recipe"]["name"] == "int4" and s["pack"]["source"]["ref"] == str(model[0])

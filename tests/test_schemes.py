@@ -359,7 +359,7 @@ def test_cuda_linear_matches_cpu_reference(case):
 @pytest.mark.gpu
 @pytest.mark.parametrize("name,g", [("int4", 64), ("int4", 32), ("int4", 6), ("ternary", 128),
                                     ("ternary", 7), ("ternary-absmean", 128)])
-@pytest.mark.parametrize("in_f", [4096, 1000, 333])
+@pytest.mark.parametrize("in_f", [4096, 1000, 333, 64])  # 64: narrower than g128, one group per row
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_triton_gemv_matches_reference(name, g, in_f, dtype, monkeypatch):
     from moe_local.quant import kernels_triton
@@ -455,3 +455,72 @@ def test_packed_weight_over_views_of_one_byte_buffer(case):
     pw = PackedWeight(s, views, shape)
     x = torch.randn(2, 201)
     torch.testing.assert_close(pw.linear(x), F.linear(x, s.dequantize(packed, shape)))
+
+
+# ---------------------------------------------------------------------------------------------
+# rows narrower than a group: the group shrinks to the row, nothing is padded
+
+NARROW = [  # (scheme, group_size, in_features < group_size, effective group)
+    ("ternary", 128, 64, 64),
+    ("ternary-absmean", 128, 64, 64),
+    ("ternary", 128, 37, 37),
+    ("int4", 64, 32, 32),
+    ("int4", 128, 31, 32),  # two codes per byte: rounded up to an even group
+    ("nf4", 128, 64, 64),
+    ("nf4", 64, 7, 8),
+    ("int8", 128, 64, 64),
+]
+
+
+@pytest.mark.parametrize("name,g,in_f,eff", NARROW)
+def test_narrow_rows_use_a_group_of_their_own_width(name, g, in_f, eff):
+    """A row narrower than group_size is stored exactly as with group_size=in_f (one group, one
+    scale per row), not padded to a full group."""
+    s, s_eff = get_scheme(name, group_size=g), get_scheme(name, group_size=eff)
+    shape = (256, in_f)
+    assert s.group_size_for(in_f) == eff
+    assert s.tensor_specs(shape) == s_eff.tensor_specs(shape)
+    assert s.nbytes(shape) == s_eff.nbytes(shape)
+    w = gaussian(*shape, seed=21)
+    imp = torch.rand(in_f, generator=torch.Generator().manual_seed(22))
+    for importance in (None, imp):
+        packed = s.quantize(w, importance=importance)
+        same = s_eff.quantize(w, importance=importance)
+        assert packed.keys() == same.keys() and all(torch.equal(packed[k], same[k]) for k in packed)
+    d = s.dequantize(packed, shape)
+    assert d.shape == shape and torch.equal(s._expand(packed, shape), d)
+    x = torch.randn(3, in_f, generator=torch.Generator().manual_seed(23))
+    torch.testing.assert_close(PackedWeight(s, packed, shape).linear(x), F.linear(x, d))
+    assert rel_err(d, w) < {"int8": 0.01, "int4": 0.12, "nf4": 0.12}.get(name, 0.7)
+
+
+def test_narrow_ternary_costs_about_what_a_wide_one_does():
+    """The shared model's down projection (256 x 64) at ternary g128: 13 bytes of codes + one bf16
+    scale per row = 1.875 bits/weight (it was 2.33 when the row was padded to 128 codes), against
+    1.75 for a row that is a whole number of groups."""
+    s = get_scheme("ternary", group_size=128)
+    assert s.bits_per_weight((64, 256)) == pytest.approx(8 * 52 / 256 + 16 / 128)  # 1.75
+    assert s.bits_per_weight((256, 64)) == pytest.approx(8 * 13 / 64 + 16 / 64)  # 1.875
+    assert s.tensor_specs((256, 64)) == {"codes": ((256, 13), torch.uint8), "scales": ((256, 1), torch.bfloat16)}
+    assert s.bits_per_weight((256, 64)) < s.bits_per_weight((64, 256)) + 0.13
+    assert get_scheme("int4", group_size=128).bits_per_weight((256, 64)) == pytest.approx(4 + 24 / 64)
+
+
+@pytest.mark.parametrize("name,g,in_f,eff", [c for c in NARROW if c[0] != "int8"])
+def test_narrow_rows_written_padded_still_decode(name, g, in_f, eff):
+    """Packs written before the rule padded a narrow row's codes to a full group (same single scale
+    per row, real codes first): such a layout decodes to the same weight, whatever the pad bytes."""
+    s = get_scheme(name, group_size=g)
+    shape = (40, in_f)
+    w = gaussian(*shape, seed=24)
+    packed = s.quantize(w)
+    per_row = (-(-g // 5)) if name.startswith("ternary") else g // 2  # the old padded row width
+    extra = per_row - packed["codes"].shape[1]
+    assert extra > 0
+    junk = torch.randint(0, 243, (shape[0], extra), dtype=torch.uint8, generator=torch.Generator().manual_seed(25))
+    legacy = {**packed, "codes": torch.cat([packed["codes"], junk], dim=1)}
+    d = s.dequantize(packed, shape)
+    assert torch.equal(s.dequantize(legacy, shape), d)
+    assert torch.equal(s._expand(legacy, shape), d)
+    x = torch.randn(2, in_f, generator=torch.Generator().manual_seed(26))
+    torch.testing.assert_close(s.linear(x, legacy, shape), F.linear(x, d))

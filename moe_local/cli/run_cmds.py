@@ -337,8 +337,10 @@ def inspect_cmd(
     dtype: Annotated[str, typer.Option(help="dtype the memory figures assume: float32 | bfloat16 | float16")] = "bfloat16",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """Family, experts, parameters and the memory a run needs, from config and headers (no weights read)."""
-    from moe_local.inspect import RUN_DTYPE_BYTES, human_bytes, human_count, summarize
+    """Family, experts, parameters and the memory a run needs, from config and headers (no weights read).
+
+    On a pack: also the scheme of every tensor group and the bytes of one expert per MoE layer."""
+    from moe_local.inspect import RUN_DTYPE_BYTES, human_bytes, human_count, pack_rows, summarize
 
     if dtype not in RUN_DTYPE_BYTES:
         raise MoeLocalError(f"--dtype must be one of {', '.join(RUN_DTYPE_BYTES)}, got {dtype!r}")
@@ -364,6 +366,9 @@ def inspect_cmd(
         (f"memory, all resident ({s.run_dtype})", human_bytes(s.memory_all_resident)),
         (f"memory, min with expert offload ({s.run_dtype})", human_bytes(s.memory_min_offload)),
     ]
+    if s.pack is not None:  # packed experts: the memory figures keep them packed
+        rows[-4:-3] = [("largest expert", f"{human_bytes(s.bytes_per_expert)} (packed)")]
+        rows += pack_rows(s.pack)
     for name, value in rows:
         table.add_row(name, value)
     out.print(table)

@@ -98,6 +98,17 @@ class Checkpoint:
         """Shape without reading the data."""
         return tuple(self._open(self.file_of(name)).get_slice(name).get_shape())
 
+    def dtype(self, name: str) -> str:
+        """The stored safetensors dtype string ("BF16", "F8_E4M3", ...), read from the header only."""
+        return self._open(self.file_of(name)).get_slice(name).get_dtype()
+
+    def release(self) -> None:
+        """Close every open shard (drop its memory map) so pages read so far leave our RSS.
+
+        The checkpoint stays usable: the next access re-opens a shard for the cost of one header
+        parse. Streaming readers (quantize) call this between layers to keep memory flat."""
+        self._handles.clear()
+
     def iter_names(self, prefix: str = "") -> Iterator[str]:
         return (n for n in self.names() if n.startswith(prefix))
 

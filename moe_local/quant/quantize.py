@@ -97,7 +97,7 @@ class Plan:
 
 
 def _st_dtype(ckpt: Checkpoint, name: str) -> str:
-    return ckpt._open(ckpt.file_of(name)).get_slice(name).get_dtype()
+    return ckpt.dtype(name)
 
 
 def _source_nbytes(ckpt: Checkpoint, name: str) -> int:
@@ -365,7 +365,7 @@ def _release_source(plan: Plan) -> None:
     Touched pages of a mapped file stay in the process's resident set until unmapped; re-opening a
     shard costs one header parse, so releasing after each layer keeps RSS near one layer's worth.
     """
-    plan.ckpt._handles.clear()
+    plan.ckpt.release()
 
 
 def _quantize(scheme, w: torch.Tensor, importance: torch.Tensor | None, name: str) -> dict[str, torch.Tensor]:

@@ -15,6 +15,10 @@ Storage per weight, scales and zero points included (Mixtral expert 14336x4096; 
     int4              group_size=64    codes u8 (2/byte), scales, zeros u8    4.375 (g32 4.75, g128 4.19)
     nf4               group_size=64    codes u8 (2/byte), scales              4.25
     ternary(-absmean) group_size=128   codes u8 (5/byte), scales              1.727 (1.6 + 0.125 + row pad)
+
+`group_size` is an upper bound: a weight whose rows are narrower than a group uses one group of
+the row's width (`Scheme.group_size_for`), so e.g. a 256x64 ternary down projection at g128 costs
+1.875 bits/weight, not the 2.33 a row padded to 128 codes would.
 """
 
 from __future__ import annotations

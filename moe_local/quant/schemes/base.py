@@ -48,6 +48,7 @@ class Scheme:
     name: ClassVar[str] = ""
     defaults: ClassVar[dict[str, Any]] = {}
     qmax: ClassVar[float] = 1.0  # largest |code value| a scale is multiplied by (for overflow clamps)
+    group_multiple: ClassVar[int] = 1  # a group must hold a multiple of this many codes (2: nibbles)
 
     def __init__(self, **params: Any) -> None:
         unknown = sorted(set(params) - set(self.defaults))
@@ -91,6 +92,23 @@ class Scheme:
         raise NotImplementedError
 
     # -- shared behaviour -----------------------------------------------------------------------
+    def group_size_for(self, in_f: int) -> int | None:
+        """The group size actually used for a weight with `in_f` input channels (None: no groups).
+
+        `group_size` is an upper bound: a row narrower than a group is one group of its own width
+        (rounded up to `group_multiple`), never padded to the full `group_size`. Padding would
+        store codes for weights that do not exist (a ternary 256x64 down projection at g128 would
+        cost 2.33 bits/weight instead of 1.875) while giving the same one scale per row. Derived
+        from the shape and the params alone, so the manifest's params rebuild the exact layout.
+        `group_size=None` (int8 per channel) is one group per row.
+        """
+        if "group_size" not in self.params:
+            return None
+        g = self.params["group_size"]
+        if g is None:
+            return int(in_f)
+        return min(int(g), -(-int(in_f) // self.group_multiple) * self.group_multiple)
+
     def nbytes(self, shape: tuple[int, int]) -> int:
         total = 0
         for dims, dtype in self.tensor_specs(tuple(shape)).values():
@@ -192,6 +210,17 @@ def grouped(w: torch.Tensor, g: int) -> torch.Tensor:
     if ng * g != in_f:
         w = F.pad(w, (0, ng * g - in_f))
     return w.reshape(out_f, ng, g)
+
+
+def nibble_codes(codes: torch.Tensor, shape: tuple[int, int], g: int) -> torch.Tensor:
+    """uint8 [out, n_groups * g / 2] nibble codes of a weight of `shape`, trimmed to that width.
+
+    A layout written before `Scheme.group_size_for` padded a row narrower than `group_size` to a
+    full group (still one group, one scale per row): its real codes are the row's prefix."""
+    out_f, in_f = int(shape[0]), int(shape[1])
+    codes = codes.reshape(out_f, -1)
+    nb = n_groups(in_f, g) * g // 2
+    return codes if codes.shape[1] == nb else codes[:, :nb]
 
 
 def group_counts(in_f: int, g: int, device: torch.device | str = "cpu") -> torch.Tensor:

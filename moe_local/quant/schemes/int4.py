@@ -15,8 +15,8 @@ import torch
 from moe_local.quant import kernels_torch, kernels_triton
 from moe_local.quant.schemes import base
 from moe_local.quant.schemes.base import (
-    Scheme, TensorSpecs, check_group_size, check_scale_dtype, grouped, n_groups, safe_div,
-    store_scales,
+    Scheme, TensorSpecs, check_group_size, check_scale_dtype, grouped, n_groups, nibble_codes,
+    safe_div, store_scales,
 )
 from moe_local.quant.schemes.bits import pack_nibbles, unpack_nibbles
 
@@ -27,6 +27,7 @@ class Int4(Scheme):
     # |dequantized| <= |w| + scale / 2 and scale <= 2 * absmax / 15: only the scale's own overflow
     # matters, so the clamp in store_scales uses half the code range.
     qmax = 7.5
+    group_multiple = 2  # two codes per byte: a group never splits a byte
 
     def _validate(self) -> None:
         check_group_size(self.name, self.params["group_size"], multiple_of=2)
@@ -34,7 +35,7 @@ class Int4(Scheme):
 
     def tensor_specs(self, shape: tuple[int, int]) -> TensorSpecs:
         out_f, in_f = int(shape[0]), int(shape[1])
-        g = self.params["group_size"]
+        g = self.group_size_for(in_f)
         ng = n_groups(in_f, g)
         return {
             "codes": ((out_f, ng * g // 2), torch.uint8),
@@ -45,7 +46,7 @@ class Int4(Scheme):
     def _quantize_rows(self, w: torch.Tensor, imp: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """importance is ignored (a min/max grid has nothing to weigh)."""
         out_f, in_f = w.shape
-        wg = grouped(w, self.params["group_size"])
+        wg = grouped(w, self.group_size_for(in_f))
         lo = wg.amin(-1).clamp(max=0.0)
         hi = wg.amax(-1).clamp(min=0.0)
         scales = store_scales(hi / 15.0 - lo / 15.0, self.scale_dtype, self.name, self.qmax)  # no overflow
@@ -61,18 +62,24 @@ class Int4(Scheme):
             "zeros": zeros.to(torch.uint8).contiguous(),
         }
 
+    def _codes(self, packed: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
+        """uint8 [out, bytes] codes trimmed to this layout's row width (see Ternary._codes: packs
+        written before `group_size_for` padded narrow rows to a full group; a no-op view now)."""
+        return nibble_codes(packed["codes"], shape, self.group_size_for(int(shape[1])))
+
     def unpack_codes(self, packed: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
         """uint8 [out, n_groups * g] codes in 0..15 (padding included): the reference unpack."""
-        return unpack_nibbles(packed["codes"].reshape(int(shape[0]), -1))
+        return unpack_nibbles(self._codes(packed, shape))
 
     def _expand(self, packed: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
         return kernels_torch.expand_int4(
-            packed["codes"], packed["scales"], packed["zeros"], shape[0], shape[1], self.params["group_size"]
+            self._codes(packed, shape), packed["scales"], packed["zeros"], shape[0], shape[1],
+            self.group_size_for(shape[1]),
         )
 
     def dequantize(self, packed: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
         out_f, in_f = shape
-        g = self.params["group_size"]
+        g = self.group_size_for(in_f)
         q = self.unpack_codes(packed, shape).reshape(out_f, -1, g).float()
         z = packed["zeros"].reshape(out_f, -1, 1).float()
         s = packed["scales"].reshape(out_f, -1, 1).float()
@@ -82,6 +89,6 @@ class Int4(Scheme):
         """Batch-1 CUDA decode may take the fused Triton GEMV (opt-in, see kernels_triton)."""
         if kernels_triton.wanted(x, shape[1]):
             return kernels_triton.int4_gemv(
-                x, packed["codes"], packed["scales"], packed["zeros"], shape, self.params["group_size"]
+                x, self._codes(packed, shape), packed["scales"], packed["zeros"], shape, self.group_size_for(shape[1])
             )
         return super().linear(x, packed, shape)

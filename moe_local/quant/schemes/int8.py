@@ -26,8 +26,7 @@ class Int8(Scheme):
         self.scale_dtype = check_scale_dtype(self.name, self.params["scale_dtype"])
 
     def _group(self, in_f: int) -> int:
-        g = self.params["group_size"]
-        return in_f if g is None else min(g, in_f)
+        return int(self.group_size_for(in_f))  # per channel (None) = one group of the row's width
 
     def tensor_specs(self, shape: tuple[int, int]) -> TensorSpecs:
         out_f, in_f = int(shape[0]), int(shape[1])

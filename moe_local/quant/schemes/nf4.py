@@ -12,8 +12,8 @@ import torch
 
 from moe_local.quant import kernels_torch
 from moe_local.quant.schemes.base import (
-    Scheme, TensorSpecs, check_group_size, check_scale_dtype, grouped, n_groups, safe_div,
-    store_scales,
+    Scheme, TensorSpecs, check_group_size, check_scale_dtype, grouped, n_groups, nibble_codes,
+    safe_div, store_scales,
 )
 from moe_local.quant.schemes.bits import NF4_LEVELS, pack_nibbles, unpack_nibbles
 
@@ -26,6 +26,7 @@ class NF4(Scheme):
     name = "nf4"
     defaults = {"group_size": 64, "scale_dtype": "bfloat16"}
     qmax = 1.0
+    group_multiple = 2  # two codes per byte: a group never splits a byte
 
     def _validate(self) -> None:
         check_group_size(self.name, self.params["group_size"], multiple_of=2)
@@ -33,14 +34,14 @@ class NF4(Scheme):
 
     def tensor_specs(self, shape: tuple[int, int]) -> TensorSpecs:
         out_f, in_f = int(shape[0]), int(shape[1])
-        g = self.params["group_size"]
+        g = self.group_size_for(in_f)
         ng = n_groups(in_f, g)
         return {"codes": ((out_f, ng * g // 2), torch.uint8), "scales": ((out_f, ng), self.scale_dtype)}
 
     def _quantize_rows(self, w: torch.Tensor, imp: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """importance is ignored (absmax blocks, as in QLoRA)."""
-        out_f, _ = w.shape
-        wg = grouped(w, self.params["group_size"])
+        out_f, in_f = w.shape
+        wg = grouped(w, self.group_size_for(in_f))
         scales = store_scales(wg.abs().amax(-1), self.scale_dtype, self.name, self.qmax)
         wn = safe_div(wg, scales.float()[..., None]).clamp_(-1.0, 1.0)
         levels = nf4_levels(w.device)
@@ -49,14 +50,20 @@ class NF4(Scheme):
 
     def unpack_codes(self, packed: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
         """uint8 [out, n_groups * g] level indices in 0..15 (padding included)."""
-        return unpack_nibbles(packed["codes"].reshape(int(shape[0]), -1))
+        return unpack_nibbles(self._codes(packed, shape))
+
+    def _codes(self, packed: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
+        """Codes trimmed to this layout's row width (legacy packs padded narrow rows; see Int4)."""
+        return nibble_codes(packed["codes"], shape, self.group_size_for(int(shape[1])))
 
     def _expand(self, packed: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
-        return kernels_torch.expand_nf4(packed["codes"], packed["scales"], shape[0], shape[1], self.params["group_size"])
+        return kernels_torch.expand_nf4(
+            self._codes(packed, shape), packed["scales"], shape[0], shape[1], self.group_size_for(shape[1])
+        )
 
     def dequantize(self, packed: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
         out_f, in_f = shape
-        g = self.params["group_size"]
+        g = self.group_size_for(in_f)
         q = self.unpack_codes(packed, shape).reshape(out_f, -1, g)
         s = packed["scales"].reshape(out_f, -1, 1).float()
         return (nf4_levels(q.device)[q.long()] * s).reshape(out_f, -1)[:, :in_f]

@@ -47,22 +47,36 @@ class _TernaryBase(Scheme):
 
     def tensor_specs(self, shape: tuple[int, int]) -> TensorSpecs:
         out_f, in_f = int(shape[0]), int(shape[1])
-        g = self.params["group_size"]
+        g = self.group_size_for(in_f)
         ng = n_groups(in_f, g)
         return {"codes": ((out_f, trit_bytes(ng * g)), torch.uint8), "scales": ((out_f, ng), self.scale_dtype)}
+
+    def _codes(self, packed: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
+        """uint8 [out, bytes] codes, trimmed to this layout's row width.
+
+        Packs written before `group_size_for` padded a row narrower than `group_size` to a full
+        group; their one scale per row is the same and the real codes are a prefix of the row,
+        so trimming decodes them exactly (a no-op view for current layouts)."""
+        out_f, in_f = int(shape[0]), int(shape[1])
+        g = self.group_size_for(in_f)
+        codes = packed["codes"].reshape(out_f, -1)
+        nb = trit_bytes(n_groups(in_f, g) * g)
+        return codes if codes.shape[1] == nb else codes[:, :nb]
 
     def unpack_codes(self, packed: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
         """int8 [out, n_groups * g] codes in {-1, 0, 1} (padding included): the reference unpack."""
         out_f, in_f = int(shape[0]), int(shape[1])
-        g = self.params["group_size"]
-        return unpack_trits(packed["codes"].reshape(out_f, -1), n_groups(in_f, g) * g)
+        g = self.group_size_for(in_f)
+        return unpack_trits(self._codes(packed, shape), n_groups(in_f, g) * g)
 
     def _expand(self, packed: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
-        return kernels_torch.expand_ternary(packed["codes"], packed["scales"], shape[0], shape[1], self.params["group_size"])
+        return kernels_torch.expand_ternary(
+            self._codes(packed, shape), packed["scales"], shape[0], shape[1], self.group_size_for(shape[1])
+        )
 
     def dequantize(self, packed: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
         out_f, in_f = shape
-        g = self.params["group_size"]
+        g = self.group_size_for(in_f)
         q = self.unpack_codes(packed, shape).reshape(out_f, -1, g).float()
         s = packed["scales"].reshape(out_f, -1, 1).float()
         return (q * s).reshape(out_f, -1)[:, :in_f]
@@ -70,7 +84,9 @@ class _TernaryBase(Scheme):
     def linear(self, x: torch.Tensor, packed: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
         """Batch-1 CUDA decode may take the fused Triton GEMV (opt-in, see kernels_triton)."""
         if kernels_triton.wanted(x, shape[1]):
-            return kernels_triton.ternary_gemv(x, packed["codes"], packed["scales"], shape, self.params["group_size"])
+            return kernels_triton.ternary_gemv(
+                x, self._codes(packed, shape), packed["scales"], shape, self.group_size_for(shape[1])
+            )
         return super().linear(x, packed, shape)
 
 
@@ -80,7 +96,7 @@ class TernaryAbsmean(_TernaryBase):
     name = "ternary-absmean"  # ignores `importance`: it is the rule without any search
 
     def _quantize_rows(self, w: torch.Tensor, imp: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        g = self.params["group_size"]
+        g = self.group_size_for(w.shape[1])
         wg = grouped(w, g)
         a, unit = _pow2_normalise(wg.abs())
         mean = a.sum(-1) / group_counts(w.shape[1], g, w.device)
@@ -95,7 +111,7 @@ class Ternary(_TernaryBase):
     name = "ternary"
 
     def _quantize_rows(self, w: torch.Tensor, imp: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        g = self.params["group_size"]
+        g = self.group_size_for(w.shape[1])
         wg = grouped(w, g)
         a, unit = _pow2_normalise(wg.abs())
         a_sorted, order = a.sort(-1, descending=True)
