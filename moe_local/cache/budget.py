@@ -1,0 +1,171 @@
+"""Memory budgets: parse `--gpu-mem 6GiB` / `--ram 512MiB`, detect defaults, and turn a budget into slots.
+
+Why a plan object: the GPU budget is a hard limit, so everything that lives on the GPU besides the
+expert slots (resident weights, the KV cache, an activation workspace) is subtracted up front and the
+slot slab is allocated once. A budget that cannot hold one layer's top-k experts after that is refused
+with the minimum that would work, instead of failing later with an out-of-memory in the middle of a
+token.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from moe_local.errors import MoeLocalError
+
+KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": KiB, "m": 10**6, "mb": 10**6, "mib": MiB,
+          "g": 10**9, "gb": 10**9, "gib": GiB, "t": 10**12, "tb": 10**12, "tib": TiB}
+
+# Headroom left to others when we pick a default (stated in --help and the README).
+GPU_HEADROOM_FRACTION = 0.10  # of the device's total memory, at least GPU_HEADROOM_MIN
+GPU_HEADROOM_MIN = 1 * GiB
+RAM_DEFAULT_FRACTION = 0.50  # of the memory psutil reports available at start-up
+WORKSPACE_MIN = 256 * MiB  # activations, router/top-k temporaries, allocator fragmentation
+SLOT_ALIGN = 4096  # every slot starts on a page, like every expert range in a pack
+
+
+def parse_size(text: str | int | float | None, flag: str = "--gpu-mem") -> int | None:
+    """'6GiB', '512 MiB', '1.5G', '4096' (bytes) -> bytes. None/''/'auto' -> None (use the default)."""
+    if text is None:
+        return None
+    if isinstance(text, (int, float)):
+        if text < 0:
+            raise MoeLocalError(f"{flag} must not be negative, got {text}")
+        return int(text)
+    s = str(text).strip().lower().replace("_", "")
+    if s in ("", "auto"):
+        return None
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([a-z]*)", s)
+    if not m or m.group(2) not in _UNITS:
+        raise MoeLocalError(f"{flag} {text!r} is not a size; write e.g. 6GiB, 512MiB, 1.5GB or a byte count")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
+def human(n: float | int | None) -> str:
+    if n is None:
+        return "auto"
+    for unit, size in (("TiB", TiB), ("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def default_gpu_budget(device: torch.device) -> int:
+    """Free device memory now, minus max(1 GiB, 10% of the card) for the CUDA context and other users."""
+    free, total = torch.cuda.mem_get_info(device)
+    return max(0, int(free - max(GPU_HEADROOM_MIN, GPU_HEADROOM_FRACTION * total)))
+
+
+def default_ram_budget() -> int:
+    """Half of the memory available now: the page cache keeps serving the pack's mmap from the rest."""
+    import psutil
+
+    return int(psutil.virtual_memory().available * RAM_DEFAULT_FRACTION)
+
+
+def round_slot(nbytes: int) -> int:
+    return -(-int(nbytes) // SLOT_ALIGN) * SLOT_ALIGN
+
+
+def module_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the resident (non-expert) parameters and buffers, tied weights counted once."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.device.type == "meta":
+            continue
+        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.numel() * t.element_size()
+    return total
+
+
+def kv_cache_bytes(model, context: int, dtype: torch.dtype) -> int:
+    """KV-cache bytes for `context` tokens, measured by allocating each layer's cache on the meta device."""
+    total = 0
+    for layer in getattr(getattr(model, "model", None), "layers", []):
+        attn = getattr(layer, "self_attn", None)
+        if attn is None or not hasattr(attn, "setup_cache"):
+            continue
+        old = getattr(attn, "cache", None)
+        try:
+            attn.setup_cache(context, torch.device("meta"), dtype)
+            cache = attn.cache
+            total += int(cache.nbytes()) if cache is not None else 0
+        except Exception:  # a family with an exotic cache: count nothing rather than refuse to run
+            pass
+        finally:
+            attn.cache = old
+    return total
+
+
+@dataclass
+class BudgetPlan:
+    """How a budget is spent. All sizes in bytes; slots are whole experts of `slot_bytes` each."""
+
+    slot_bytes: int
+    gpu_budget: int | None  # None without CUDA
+    ram_budget: int
+    resident_bytes: int
+    kv_bytes: int
+    workspace_bytes: int
+    gpu_slots: int  # 0 without CUDA
+    host_slots: int
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def plan_budget(
+    *,
+    slot_bytes: int,
+    num_keys: int,
+    top_k: int,
+    resident_bytes: int,
+    kv_bytes: int,
+    expanded_bytes: int,
+    gpu_budget: int | None,
+    ram_budget: int,
+    cuda: bool,
+) -> BudgetPlan:
+    """Turn budgets into slot counts; refuse (with the minimum) a budget that cannot serve one layer.
+
+    expanded_bytes: the largest projection expanded to the compute dtype (a dequantize-then-matmul
+    kernel may materialise one); the workspace reserve is 256 MiB + 2x that.
+    """
+    slot = round_slot(slot_bytes)
+    workspace = WORKSPACE_MIN + 2 * int(expanded_bytes)
+    gpu_slots = 0
+    if cuda:
+        assert gpu_budget is not None
+        fixed = resident_bytes + kv_bytes + workspace
+        gpu_slots = max(0, (gpu_budget - fixed) // slot)
+        if gpu_slots < top_k:
+            need = fixed + top_k * slot
+            raise MoeLocalError(
+                f"--gpu-mem {human(gpu_budget)} is too small: resident weights {human(resident_bytes)} + KV cache "
+                f"{human(kv_bytes)} + workspace {human(workspace)} + one layer's top-{top_k} experts "
+                f"({top_k} x {human(slot)}) need at least {human(need)}"
+            )
+        gpu_slots = min(gpu_slots, num_keys)
+        host_fixed = 0
+        host_min = top_k  # pinned staging for one layer's transfers
+    else:
+        host_fixed = resident_bytes + kv_bytes  # on a CPU the model itself lives in RAM
+        host_min = top_k
+    host_slots = max(0, (ram_budget - host_fixed) // slot)
+    if host_slots < host_min:
+        need = host_fixed + host_min * slot
+        what = "" if cuda else f"resident weights {human(resident_bytes)} + KV cache {human(kv_bytes)} + "
+        raise MoeLocalError(
+            f"--ram {human(ram_budget)} is too small: {what}one layer's top-{top_k} experts "
+            f"({top_k} x {human(slot)}) need at least {human(need)}"
+        )
+    host_slots = min(host_slots, num_keys)
+    return BudgetPlan(slot, gpu_budget if cuda else None, ram_budget, resident_bytes, kv_bytes,
+                      workspace if cuda else 0, gpu_slots, host_slots)

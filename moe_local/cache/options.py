@@ -1,0 +1,119 @@
+"""CacheOptions (what the CLI flags say) and the provider factory the loader calls.
+
+The CLI maps `--gpu-mem --ram --policy --prefetch-depth --prefetch-extra --miss --trace` onto
+`CacheOptions` and passes `provider_factory(options)` to `runtime.loader.load_model(provider=...)`;
+the loader calls it with the expert source, the model (already holding its resident weights), the
+device and the dtype. `--stats-json` is written by the runtime from `provider.report()`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from moe_local.cache.budget import (BudgetPlan, default_gpu_budget, default_ram_budget, kv_cache_bytes,
+                                    module_bytes, parse_size, plan_budget)
+from moe_local.cache.policies import POLICIES
+from moe_local.cache.prefetch import RouterLookahead
+from moe_local.cache.stats import TraceRecorder, future_from_trace
+from moe_local.cache.tiered import MISS_MODES, TieredExperts
+from moe_local.errors import MoeLocalError
+
+
+@dataclass
+class CacheOptions:
+    gpu_mem: int | str | None = None  # None: free GPU memory minus headroom (see budget.py)
+    ram: int | str | None = None  # None: half the available RAM
+    policy: str = "lru"
+    prefetch_depth: int = 1
+    prefetch_extra: int = 0
+    miss: str = "auto"  # transfer | cpu | auto (only matters with a GPU)
+    trace: str | Path | None = None  # write the routing trace here
+    belady_trace: str | Path | None = None  # `--policy belady`: the trace of the same run, recorded earlier
+    future: Sequence | None = None  # or the demand sequence itself (tests)
+    context: int = 4096  # tokens of KV cache the GPU budget reserves
+    io_threads: int = 4
+    record_accesses: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.policy not in POLICIES and self.policy != "lfu":
+            raise MoeLocalError(f"--policy {self.policy!r} is not one of {', '.join(POLICIES)}")
+        if self.miss not in MISS_MODES:
+            raise MoeLocalError(f"--miss {self.miss!r} is not one of {', '.join(MISS_MODES)}")
+        if self.prefetch_depth < 0 or self.prefetch_extra < 0:
+            raise MoeLocalError("--prefetch-depth and --prefetch-extra must be >= 0")
+        if self.policy == "belady" and self.future is None and self.belady_trace is None:
+            raise MoeLocalError("--policy belady needs the routing trace of the same run (--belady-trace FILE)")
+        parse_size(self.gpu_mem, "--gpu-mem")
+        parse_size(self.ram, "--ram")
+
+    def report_dict(self) -> dict:
+        return {"gpu_mem": parse_size(self.gpu_mem, "--gpu-mem"), "ram": parse_size(self.ram, "--ram"),
+                "policy": self.policy, "prefetch_depth": self.prefetch_depth,
+                "prefetch_extra": self.prefetch_extra, "miss": self.miss}
+
+
+def as_bytes_source(source):
+    """A pack reader is already an ExpertBytesSource; a plain checkpoint is adapted."""
+    if all(hasattr(source, m) for m in ("read_into", "decode", "max_expert_nbytes", "expert_nbytes")):
+        return source
+    from moe_local.cache.adapters import CheckpointBytes
+
+    return CheckpointBytes(source)
+
+
+def build_tiered(options: CacheOptions, source, model, device: torch.device, dtype: torch.dtype) -> TieredExperts:
+    options.validate()
+    device = torch.device(device)
+    src = as_bytes_source(source)
+    args = model.args
+    top_k = int(args.num_experts_per_tok)
+    cuda = device.type == "cuda"
+    gpu_budget = parse_size(options.gpu_mem, "--gpu-mem")
+    if cuda and gpu_budget is None:
+        gpu_budget = default_gpu_budget(device)
+    ram_budget = parse_size(options.ram, "--ram")
+    if ram_budget is None:
+        ram_budget = default_ram_budget()
+    inter = int(args.moe_intermediate_size or args.intermediate_size)
+    elem = torch.empty((), dtype=dtype).element_size()
+    plan: BudgetPlan = plan_budget(
+        slot_bytes=src.max_expert_nbytes(),
+        num_keys=len(src.moe_layers) * src.num_experts,
+        top_k=top_k,
+        resident_bytes=module_bytes(model),
+        kv_bytes=kv_cache_bytes(model, options.context, dtype) if cuda else 0,
+        expanded_bytes=inter * args.hidden_size * elem,
+        gpu_budget=gpu_budget,
+        ram_budget=ram_budget,
+        cuda=cuda,
+    )
+    future = options.future
+    if future is None and options.belady_trace is not None:
+        future = future_from_trace(options.belady_trace)
+    predictor = RouterLookahead(model, options.prefetch_depth, options.prefetch_extra) \
+        if options.prefetch_depth > 0 else None
+    trace = None
+    if options.trace is not None:
+        trace = TraceRecorder(options.trace, args.model_type, src.num_experts, top_k, src.moe_layers,
+                              src.max_expert_nbytes())
+    return TieredExperts(
+        src, top_k=top_k, host_slots=plan.host_slots, gpu_slots=plan.gpu_slots, act=args.hidden_act,
+        device=device, dtype=dtype, policy=options.policy, future=future, predictor=predictor,
+        miss=options.miss, io_threads=options.io_threads, trace=trace, plan=plan,
+        record_accesses=options.record_accesses,
+    )
+
+
+def provider_factory(options: CacheOptions) -> Callable:
+    """`ProviderFactory` for runtime.loader.load_model: (source, model, device, dtype) -> TieredExperts."""
+    options.validate()
+
+    def factory(source, model, device, dtype):
+        return build_tiered(options, source, model, device, dtype)
+
+    return factory

@@ -1,0 +1,105 @@
+"""Fixed slabs of expert slots and the bookkeeping of which expert occupies which slot.
+
+Why fixed slabs: every expert of a pack fits in one slot (slot = largest packed expert, rounded to
+a page), so one allocation made at start-up serves the whole run. Nothing is allocated or freed per
+token: no allocator fragmentation, no surprise out-of-memory, and the GPU budget is a hard limit.
+
+`SlotTable` is pure bookkeeping, touched only by the thread that runs the model; I/O threads only
+ever write the bytes of a slot they were handed.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Hashable, Iterator
+
+import torch
+
+Key = Hashable  # (layer, expert)
+
+
+class SlotTable:
+    """key <-> slot, free slots, pin counts and transient (not cached) occupants."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = int(capacity)
+        self.slot_of: dict[Key, int] = {}
+        self.key_of: list[Key | None] = [None] * self.capacity
+        self._free: list[int] = list(range(self.capacity - 1, -1, -1))  # pop() gives the lowest slot
+        self.pins: Counter = Counter()
+        self.transient: set[Key] = set()  # occupies a slot for one use, never known to the policy
+
+    def __contains__(self, key: Key) -> bool:
+        return key in self.slot_of
+
+    def __len__(self) -> int:
+        return len(self.slot_of)
+
+    def keys(self) -> Iterator[Key]:
+        return iter(list(self.slot_of))
+
+    def cached_keys(self) -> list[Key]:
+        return [k for k in self.slot_of if k not in self.transient]
+
+    @property
+    def has_free(self) -> bool:
+        return bool(self._free)
+
+    def assign(self, key: Key, transient: bool = False) -> int:
+        assert key not in self.slot_of, f"{key} already has a slot"
+        slot = self._free.pop()
+        self.slot_of[key] = slot
+        self.key_of[slot] = key
+        if transient:
+            self.transient.add(key)
+        return slot
+
+    def release(self, key: Key) -> int:
+        assert self.pins[key] == 0, f"releasing pinned {key}"
+        slot = self.slot_of.pop(key)
+        self.key_of[slot] = None
+        self.transient.discard(key)
+        self._free.append(slot)
+        self._free.sort(reverse=True)
+        return slot
+
+    def pin(self, key: Key) -> None:
+        self.pins[key] += 1
+
+    def unpin(self, key: Key) -> None:
+        self.pins[key] -= 1
+        if self.pins[key] <= 0:
+            del self.pins[key]
+
+    def pinned(self) -> set:
+        return set(self.pins) | self.transient
+
+
+def allocate_slab(slots: int, slot_bytes: int, device: torch.device, pin: bool = False) -> torch.Tensor:
+    """One uint8 tensor [slots, slot_bytes]. Rows start on a 4096-byte boundary (slot_bytes is a page
+    multiple), so views of any dtype into a slot are aligned. Host slabs are pinned when a GPU will
+    read them (only pinned memory copies asynchronously at full PCIe speed)."""
+    if slots == 0:
+        return torch.empty((0, slot_bytes), dtype=torch.uint8, device=device)
+    if device.type == "cpu":
+        return torch.empty((slots, slot_bytes), dtype=torch.uint8, pin_memory=pin)
+    return torch.empty((slots, slot_bytes), dtype=torch.uint8, device=device)
+
+
+class Tier:
+    """A slab plus its table and its eviction policy: the RAM tier or the GPU tier."""
+
+    def __init__(self, name: str, slab: torch.Tensor, policy) -> None:
+        self.name = name
+        self.slab = slab
+        self.table = SlotTable(slab.shape[0])
+        self.policy = policy
+        self.decoded: dict[int, tuple[Key, object]] = {}  # slot -> (key, compute-ready weights)
+        self.free_events: dict[int, object] = {}  # slot -> CUDA event: compute that read it is done
+
+    @property
+    def capacity(self) -> int:
+        return self.table.capacity
+
+    def buffer(self, key: Key, nbytes: int) -> torch.Tensor:
+        return self.slab[self.table.slot_of[key], :nbytes]

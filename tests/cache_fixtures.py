@@ -1,0 +1,61 @@
+"""Tiny real packs for the cache tests (quantized with moe_local.quant from tiny transformers checkpoints)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from moe_local.cache.prefetch import RouterLookahead
+from moe_local.cache.tiered import TieredExperts
+from moe_local.runtime.loader import LoadedModel, load_model
+from tests.tiny import our_greedy
+
+PROMPT = 16
+NEW = 16
+
+
+def make_mixtral_pack(root: Path, scheme: str = "int4") -> Path:
+    from moe_local.quant.quantize import quantize
+    from moe_local.quant.recipes import build_recipe
+    from tests.test_mixtral import mixtral_config
+    from tests.tiny import save_tiny
+
+    save_tiny(mixtral_config(), root / "ckpt")
+    quantize(root / "ckpt", root / "pack", build_recipe(scheme, group_size=16 if scheme == "int4" else None))
+    return root / "pack"
+
+
+def tiered_factory(slots: int, policy: str = "lru", depth: int = 0, extra: int = 0, future=None,
+                   miss: str = "transfer", trace=None, record: bool = False, io_threads: int = 2,
+                   gpu_slots: int | None = None):
+    """gpu_slots: also a device tier of that many slots -- on a CPU the simulated one (two_tier=True)."""
+    # A ProviderFactory with an exact slot count (budgets in bytes are tested separately).
+
+    def factory(source, model, device, dtype):
+        from moe_local.cache.stats import TraceRecorder
+
+        rec = None
+        if trace is not None:
+            rec = TraceRecorder(trace, model.args.model_type, source.num_experts, model.args.num_experts_per_tok,
+                                source.moe_layers, source.max_expert_nbytes())
+        return TieredExperts(source, top_k=model.args.num_experts_per_tok, host_slots=slots,
+                             act=model.args.hidden_act, device=device, dtype=dtype, policy=policy, future=future,
+                             predictor=RouterLookahead(model, depth, extra) if depth else None, miss=miss,
+                             io_threads=io_threads, trace=rec, record_accesses=record,
+                             gpu_slots=gpu_slots or 0, two_tier=gpu_slots is not None or None)
+
+    return factory
+
+
+def run(path: Path, ids: torch.Tensor, provider=None, device: str = "cpu", dtype: str = "float32",
+        new: int = NEW) -> tuple[torch.Tensor, list[int], LoadedModel]:
+    """Prompt logits (all positions) and `new` greedy tokens."""
+    kw = {} if provider is None else {"provider": provider}
+    lm = load_model(path, device=device, dtype=dtype, **kw)
+    lm.model.setup_cache(ids.shape[0] + new)
+    logits = lm.model(ids.to(lm.device), 0)
+    tokens = our_greedy(lm, ids.to(lm.device), new)
+    if hasattr(lm.provider, "close"):
+        lm.provider.close()
+    return logits.cpu(), tokens, lm

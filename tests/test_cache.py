@@ -1,0 +1,300 @@
+"""The tiered expert cache on CPU: sizes and budgets, slots, hand-counted hits, streaming prefill,
+prefetch accounting, traces, reports, and corrupt packs (a clear error, never wrong tokens)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from moe_local.cache.budget import GiB, MiB, parse_size, plan_budget
+from moe_local.cache.options import CacheOptions, provider_factory
+from moe_local.cache.stats import future_from_trace
+from moe_local.cache.tiered import TieredExperts
+from moe_local.cache.tiers import SlotTable
+from moe_local.errors import MoeLocalError
+from moe_local.experts import ResidentExperts
+from moe_local.quant.pack import Pack
+from tests.cache_fixtures import make_mixtral_pack, run, tiered_factory
+
+H = 64  # hidden size of the tiny Mixtral
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # module scope: set before the module's reference runs, so every run uses the same thread count
+    """Tiny matmuls on a shared 2-core box: one intra-op thread is ~20x faster than contended ones."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def pack(tmp_path_factory):
+    return make_mixtral_pack(tmp_path_factory.mktemp("mixtral"))
+
+
+@pytest.fixture(scope="module")
+def prompt():
+    return torch.randint(0, 256, (16,), generator=torch.Generator().manual_seed(3))
+
+
+def provider(pack_dir, slots, **kw) -> tuple[TieredExperts, ResidentExperts]:
+    src = Pack(pack_dir)
+    return TieredExperts(src, top_k=2, host_slots=slots, **kw), ResidentExperts(src)
+
+
+def call(p, layer, expert_ids, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.tensor(expert_ids)
+    x = torch.randn(ids.shape[0], H, generator=g)
+    w = torch.rand(ids.shape, generator=g)
+    return p.forward(layer, x, ids, w), (layer, x, ids, w)
+
+
+# ----------------------------------------------------------------------------- sizes and budgets
+@pytest.mark.parametrize("text,value", [("6GiB", 6 * GiB), ("512 MiB", 512 * MiB), ("1.5G", 1_500_000_000),
+                                         ("4096", 4096), ("2kib", 2048), (None, None), ("auto", None)])
+def test_parse_size(text, value):
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["lots", "6 GiBs", "-1G", "1e9"])
+def test_parse_size_rejects_garbage_with_the_flag_name(text):
+    with pytest.raises(MoeLocalError, match="--ram"):
+        parse_size(text, "--ram")
+
+
+def test_gpu_budget_too_small_states_the_minimum_and_the_minimum_works():
+    kw = dict(slot_bytes=10 * MiB, num_keys=100, top_k=2, resident_bytes=300 * MiB, kv_bytes=50 * MiB,
+              expanded_bytes=1 * MiB, ram_budget=1 * GiB, cuda=True)
+    with pytest.raises(MoeLocalError, match=r"--gpu-mem .* too small.*at least 628\.00 MiB"):
+        plan_budget(gpu_budget=600 * MiB, **kw)
+    plan = plan_budget(gpu_budget=628 * MiB, **kw)
+    assert plan.gpu_slots == 2 and plan.workspace_bytes == 258 * MiB
+    assert plan_budget(gpu_budget=100 * GiB, **kw).gpu_slots == 100  # never more slots than experts
+
+
+def test_ram_budget_too_small_is_a_clear_error(pack, prompt):
+    opts = CacheOptions(ram="64KiB", prefetch_depth=0)
+    with pytest.raises(MoeLocalError, match=r"--ram 64\.00 KiB is too small: .* need at least"):
+        run(pack, prompt, provider_factory(opts), new=1)
+
+
+def test_bad_options_are_refused():
+    for kw in ({"policy": "fifo"}, {"miss": "gpu"}, {"prefetch_depth": -1}, {"policy": "belady"}):
+        with pytest.raises(MoeLocalError):
+            provider_factory(CacheOptions(**kw))
+
+
+# ----------------------------------------------------------------------------- slots
+def test_slot_table_assigns_lowest_free_slot_and_tracks_pins():
+    t = SlotTable(3)
+    assert [t.assign(k) for k in "abc"] == [0, 1, 2] and not t.has_free
+    t.pin("b")
+    assert t.pinned() == {"b"}
+    assert t.release("a") == 0 and t.assign("d", transient=True) == 0
+    assert t.pinned() == {"b", "d"} and t.cached_keys() == ["b", "c"]
+    t.unpin("b")
+    assert t.pinned() == {"d"}
+
+
+# ----------------------------------------------------------------------------- hand-counted hits
+def test_lru_hits_misses_evictions_by_hand_and_outputs_equal_resident(pack):
+    p, ref = provider(pack, slots=3, policy="lru")
+    # cache after each call (LRU order oldest..newest) -- see the comments for the hand count
+    calls = [[[0, 1]],  # miss 0, miss 1                 -> {0,1}
+             [[1, 2]],  # hit 1, miss 2                  -> {0,1,2}
+             [[0, 3]],  # hit 0, miss 3 evicts 1 (LRU)   -> {0,2,3}
+             [[1, 2]]]  # miss 1 evicts 0 (2 is pinned), hit 2 -> {1,2,3}
+    for i, ids in enumerate(calls):
+        y, args = call(p, 1, ids, seed=i)
+        assert torch.equal(y, ref.forward(*args))
+    c = p.report()
+    assert (c["uses"], c["tiers"]["ram"]["hits"], c["tiers"]["ram"]["misses"], c["tiers"]["ram"]["evictions"]) == (8, 3, 5, 2)
+    assert c["hit_rate"] == pytest.approx(3 / 8)
+    assert set(p.host.table.cached_keys()) == {(1, 1), (1, 2), (1, 3)}
+    assert c["bytes"]["disk_to_ram"] == 5 * Pack(pack).expert_nbytes(1, 0)
+    p.close()
+
+
+def test_wide_prefill_layer_streams_without_flushing_the_cache(pack):
+    p, ref = provider(pack, slots=4, policy="lru")
+    for i, ids in enumerate([[[0, 1]], [[2, 3]]]):  # warm: experts 0..3 of layer 1 cached
+        call(p, 1, ids, seed=i)
+    wide = [[4, 5], [6, 7], [0, 5], [6, 4]]  # 5 distinct experts > 4 slots: streamed
+    y, args = call(p, 1, wide, seed=9)
+    assert torch.equal(y, ref.forward(*args))
+    c = p.report()
+    assert c["streamed_uses"] == 4  # experts 4..7 passed through transient slots
+    assert c["tiers"]["ram"]["evictions"] <= p.stream_window  # at most a window of the cache was given up
+    assert {(1, 0)} <= set(p.host.table.cached_keys())  # the hit stayed; transients were never inserted
+    assert not p.host.table.transient and not p.host.table.pins
+    p.close()
+
+
+# ----------------------------------------------------------------------------- prefetch accounting
+class FixedPredictor:
+    """A predictor with known guesses (the router lookahead is tested end to end below)."""
+
+    depth, extra = 1, 0
+
+    def __init__(self, guesses):
+        self.guesses = guesses  # layer -> [(depth, target, ids)]
+
+    def predict(self, layer, x):
+        return self.guesses.get(layer, [])
+
+
+def test_prefetch_issued_used_wasted(pack):
+    p, ref = provider(pack, slots=6, policy="lru", predictor=FixedPredictor({0: [(1, 1, [2, 3])]}))
+    y0, a0 = call(p, 0, [[0, 1]], seed=1)
+    y1, a1 = call(p, 1, [[3, 4]], seed=2)  # 3 was predicted (used), 2 was not needed (wasted)
+    assert torch.equal(y0, ref.forward(*a0)) and torch.equal(y1, ref.forward(*a1))
+    pf = p.report()["prefetch"]
+    assert (pf["issued"], pf["used"], pf["wasted"]) == (2, 1, 1)
+    assert pf["precision"] == 0.5 and pf["recall"] == pytest.approx(1 / 2)  # 4 was an uncovered miss
+    layer1 = p.report()["layers"][1]
+    assert layer1["hits"] + pf["late"] == 1 + 0 and layer1["uses"] == 2  # expert 3: a hit unless it arrived late
+    p.close()
+
+
+def test_prefetch_never_evicts_an_expert_needed_now(pack):
+    # two slots, both held by the layer being computed: nowhere to prefetch to
+    p, ref = provider(pack, slots=2, policy="lru", predictor=FixedPredictor({0: [(1, 1, [5, 6])]}))
+    y, args = call(p, 0, [[0, 1]], seed=4)
+    assert torch.equal(y, ref.forward(*args))
+    assert p.report()["prefetch"]["issued"] == 0
+    assert set(p.host.table.cached_keys()) == {(0, 0), (0, 1)}
+    p.close()
+
+
+def test_router_lookahead_predicts_and_counts(pack, prompt):
+    _, _, lm = run(pack, prompt, tiered_factory(slots=10, depth=2, extra=1))
+    c = lm.provider.report()
+    pf = c["prefetch"]
+    assert pf["issued"] > 0 and 0 < pf["used"] <= pf["issued"]
+    assert pf["issued"] >= pf["used"] + pf["wasted"] - pf["issued"]  # every settled prefetch is used or wasted
+    assert 0.0 < pf["router_recall"] <= 1.0
+
+
+# ----------------------------------------------------------------------------- traces and reports
+def test_trace_is_readable_and_replays_the_demand_sequence(pack, prompt, tmp_path):
+    from moe_local.cache.trace import read_trace
+
+    path = tmp_path / "run.trace.jsonl"
+    _, _, lm = run(pack, prompt, tiered_factory(slots=8, depth=1, trace=path, record=True))
+    tr = read_trace(path)
+    assert tr.moe_layers == [0, 1, 2] and tr.top_k == 2
+    assert len(tr.tokens) == 2 * 16 + 16  # our_greedy re-runs the prompt, then 16 decode steps
+    assert all(len(ids) == 2 for tok in tr.tokens for ids in tok.experts)
+    assert 1 in tr.prediction_depths
+    assert future_from_trace(path) == lm.provider.access_log
+
+
+def test_report_cache_section_has_the_contract_fields(pack, prompt):
+    _, _, lm = run(pack, prompt, tiered_factory(slots=5, depth=1))
+    c = lm.provider.report()
+    json.dumps(c)
+    assert set(c) >= {"hit_rate", "tiers", "layers", "prefetch", "bytes", "stall_s", "cpu_computed"}
+    assert set(c["tiers"]) == {"ram"}  # no GPU tier on a CPU-only machine
+    assert set(c["prefetch"]) >= {"issued", "used", "late", "wasted", "precision", "recall"}
+    assert set(c["bytes"]) == {"disk_to_ram", "ram_to_gpu", "per_token"} and c["bytes"]["ram_to_gpu"] == 0
+    assert [r["layer"] for r in c["layers"]] == [0, 1, 2]
+    assert sum(r["uses"] for r in c["layers"]) == c["uses"] and 0 <= c["hit_rate"] <= 1
+    assert c["bytes"]["per_token"] == pytest.approx(c["bytes"]["disk_to_ram"] / (2 * 16 + 16))
+
+
+# ----------------------------------------------------------------------------- corrupt packs
+def test_corrupt_expert_range_is_a_clear_error_never_wrong_tokens(tmp_path, prompt):
+    pack = make_mixtral_pack(tmp_path)
+    src = Pack(pack)
+    r = src.expert_range(1, 5)
+    path = src.files[r.file]
+    src.close()
+    data = bytearray(path.read_bytes())
+    data[r.offset + 7] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(MoeLocalError, match=r"layer 1 expert 5: checksum mismatch"):
+        run(pack, prompt, tiered_factory(slots=24, depth=1))
+    # a provider that hit the error keeps refusing that expert (its slot is never served)
+    p = TieredExperts(Pack(pack), top_k=2, host_slots=4)
+    for _ in range(2):
+        with pytest.raises(MoeLocalError, match="layer 1 expert 5"):
+            call(p, 1, [[5, 0]])
+    assert (1, 5) not in p.host.table and not p.host.table.pins
+    y, args = call(p, 1, [[0, 1]])  # the rest of the pack still serves correct results
+    assert torch.equal(y, ResidentExperts(Pack(pack)).forward(*args))
+    p.close()
+
+
+def test_run_report_renders_with_the_report_module(pack, prompt, tmp_path):
+    from moe_local.cache.report import load_report, render_report
+    from moe_local.cache.stats import run_report, write_json_atomic
+
+    _, _, lm = run(pack, prompt, tiered_factory(slots=6, depth=1))
+    rep = run_report(model="tiny-mixtral", device="cpu", dtype="float32",
+                     options=CacheOptions(ram="1MiB", prefetch_depth=1).report_dict(), prompt_tokens=16,
+                     generated_tokens=5, ttft_s=0.05, prompt_s=0.04, token_latencies_s=[0.01, 0.02, 0.03, 0.04],
+                     cache=lm.provider.report())
+    assert rep["timings"]["token_latency_s"]["p50"] in (0.02, 0.03) and rep["timings"]["gen_tps"] == pytest.approx(40)
+    path = write_json_atomic(tmp_path / "run.json", rep)
+    loaded = load_report(path)
+    assert loaded["cache"]["hit_rate"] == rep["cache"]["hit_rate"]
+    render_report(loaded)
+
+
+def test_stats_rows_for_chat(pack, prompt):
+    _, _, lm = run(pack, prompt, tiered_factory(slots=6, depth=1))
+    rows = dict(lm.provider.stats_rows())
+    assert rows["expert hit rate"].endswith(f"of {lm.provider.report()['uses']} uses")
+    assert rows["cache slots"].startswith("ram ") and "prefetch" in rows
+
+
+# ----------------------------------------------------------------------------- random schedules
+class RandomPredictor:
+    """Arbitrary (often wrong) guesses: accounting and slot safety must hold whatever is predicted."""
+
+    def __init__(self, rng, depth):
+        self.rng, self.depth, self.extra = rng, depth, 0
+
+    def predict(self, layer, x):
+        return [(d, layer + d, self.rng.sample(range(8), self.rng.randint(0, 4)))
+                for d in range(1, self.depth + 1) if layer + d <= 2]
+
+
+def test_random_schedules_keep_results_and_slots_consistent(pack):
+    """Random routing (decode and prefill-sized calls), random predictions, one and two tiers, every
+    policy but belady: outputs equal ResidentExperts, no pins leak, tables and policies agree."""
+    import random
+
+    src = Pack(pack)
+    ref = ResidentExperts(src)
+    for seed in range(16):
+        rng = random.Random(seed)
+        two = seed % 2 == 1
+        p = TieredExperts(src, top_k=2, host_slots=rng.randint(2, 10), gpu_slots=rng.randint(2, 8) if two else 0,
+                          two_tier=two, policy=("lru", "lfu-aging", "arc")[seed % 3],
+                          predictor=RandomPredictor(rng, rng.randint(0, 2)), miss=("transfer", "cpu")[(seed // 2) % 2],
+                          io_threads=rng.randint(1, 3))
+        for step in range(10):
+            T = rng.choice((1, 1, 1, 5))
+            for layer in (0, 1, 2):
+                ids = [rng.sample(range(8), 2) for _ in range(T)]
+                y, args = call(p, layer, ids, seed=step * 3 + layer)
+                assert torch.equal(y, ref.forward(*args)), (seed, step, layer)
+                for tier in (p.host, p.gpu):
+                    if tier is None:
+                        continue
+                    assert not tier.table.transient and len(tier.table) <= tier.capacity
+                    assert all(n > 0 for n in tier.table.pins.values())
+        p.drain()
+        for tier in (p.host, p.gpu):
+            if tier is not None:
+                assert not tier.table.pins and not tier.table.transient
+        c = p.report()
+        assert c["uses"] == sum(r["uses"] for r in c["layers"])
+        assert c["prefetch"]["used"] + c["prefetch"]["wasted"] <= c["prefetch"]["issued"]
+        p.close()

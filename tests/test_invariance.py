@@ -1,0 +1,165 @@
+"""THE invariant of the cache: greedy tokens and logits are bit-for-bit identical (torch.equal) for
+every budget, policy, prefetch setting and miss mode on the same device type, against
+ResidentExperts over the same pack. CPU grids over a tiny Mixtral pack and the shared trained
+DeepSeek-V3-architecture model; the same on a GPU when one is present (marked `gpu`)."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from moe_local.cache.options import CacheOptions, provider_factory
+from moe_local.cache.stats import future_from_trace
+from tests.cache_fixtures import make_mixtral_pack, run, tiered_factory
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # module scope: set before the module's reference runs, so every run uses the same thread count
+    """Tiny matmuls on a shared 2-core box: one intra-op thread is ~20x faster than contended ones."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def mixtral(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inv-mixtral")
+    pack = make_mixtral_pack(root)
+    ids = torch.randint(0, 256, (16,), generator=torch.Generator().manual_seed(11))
+    logits, tokens, _ = run(pack, ids)  # ResidentExperts over the same pack
+    trace = root / "trace.jsonl"
+    run(pack, ids, tiered_factory(slots=7, depth=1, trace=trace))
+    return pack, ids, logits, tokens, future_from_trace(trace)
+
+
+POLICIES = ("lru", "lfu-aging", "arc", "belady")
+PREFETCH = ((0, 0), (1, 0), (2, 2))
+MISS = ("transfer", "cpu", "auto")
+
+
+@pytest.mark.parametrize("slots", [2, 3, 5, 24])  # 2 = top-k (every prefill layer streams); 24 = all experts
+def test_mixtral_pack_grid_is_bit_identical(mixtral, slots):
+    pack, ids, ref_logits, ref_tokens, future = mixtral
+    for i, (policy, (depth, extra)) in enumerate(itertools.product(POLICIES, PREFETCH)):
+        miss = MISS[i % len(MISS)]
+        factory = tiered_factory(slots, policy, depth, extra, future=future if policy == "belady" else None,
+                                 miss=miss)
+        logits, tokens, lm = run(pack, ids, factory)
+        where = f"slots={slots} policy={policy} depth={depth} extra={extra} miss={miss}"
+        assert torch.equal(logits, ref_logits), where
+        assert tokens == ref_tokens, where
+        assert lm.provider.report()["uses"] > 0
+
+
+@pytest.mark.parametrize("gpu_slots,host_slots", [(2, 2), (2, 6), (5, 3), (24, 24)])
+def test_mixtral_two_tier_grid_is_bit_identical(mixtral, gpu_slots, host_slots):
+    """The GPU path's bookkeeping (device slots fed from RAM slots, `--miss cpu`) on the simulated
+    device tier: a second CPU slab with synchronous copies, so it is exercised on CPU-only CI."""
+    pack, ids, ref_logits, ref_tokens, future = mixtral
+    for i, (policy, (depth, extra)) in enumerate(itertools.product(("lru", "arc", "belady"), PREFETCH)):
+        miss = ("transfer", "cpu")[i % 2]
+        factory = tiered_factory(host_slots, policy, depth, extra, future=future if policy == "belady" else None,
+                                 miss=miss, gpu_slots=gpu_slots)
+        logits, tokens, lm = run(pack, ids, factory)
+        where = f"gpu={gpu_slots} ram={host_slots} policy={policy} depth={depth} extra={extra} miss={miss}"
+        assert torch.equal(logits, ref_logits), where
+        assert tokens == ref_tokens, where
+        c = lm.provider.report()
+        assert c["tiers"]["gpu"]["capacity"] == gpu_slots and c["bytes"]["ram_to_gpu"] > 0, where
+        if miss == "transfer":
+            assert c["cpu_computed"] == 0, where
+        elif gpu_slots <= 5:  # small device tiers miss during decode: those experts ran on the CPU
+            assert c["cpu_computed"] > 0, where
+        assert not lm.provider.host.table.pins and not lm.provider.gpu.table.pins, where
+
+
+@pytest.mark.parametrize("ram", ["700KiB", "1MiB", "64MiB"])
+def test_mixtral_byte_budgets_through_cache_options(mixtral, ram):
+    pack, ids, ref_logits, ref_tokens, _ = mixtral
+    logits, tokens, lm = run(pack, ids, provider_factory(CacheOptions(ram=ram, policy="arc", prefetch_depth=1)))
+    assert torch.equal(logits, ref_logits) and tokens == ref_tokens
+    assert lm.provider.plan.host_slots == lm.provider.host.capacity
+
+
+def test_mixtral_checkpoint_without_pack_runs_through_the_adapter(mixtral):
+    """A plain HF checkpoint is paged too (experts serialised on the fly): same result as resident."""
+    pack, ids, _, _, _ = mixtral
+    ckpt = pack.parent / "ckpt"
+    ref_logits, ref_tokens, _ = run(ckpt, ids)
+    logits, tokens, _ = run(ckpt, ids, provider_factory(CacheOptions(ram="1MiB", prefetch_depth=2)))
+    assert torch.equal(logits, ref_logits) and tokens == ref_tokens
+
+
+# ----------------------------------------------------------------------------- the shared trained model
+@pytest.fixture(scope="module")
+def deepseek(shared_model, tmp_path_factory):
+    from moe_local.quant.quantize import quantize
+    from moe_local.quant.recipes import build_recipe
+
+    root = tmp_path_factory.mktemp("inv-deepseek")
+    pack = root / "pack"
+    quantize(shared_model, pack, build_recipe("int4"))
+    ids = torch.from_numpy(np.load(shared_model / "eval_ids.npy")[:24].astype(np.int64))
+    logits, tokens, _ = run(pack, ids, new=8)
+    trace = root / "trace.jsonl"
+    run(pack, ids, tiered_factory(slots=48, depth=1, trace=trace), new=8)
+    return pack, ids, logits, tokens, future_from_trace(trace)
+
+
+@pytest.mark.parametrize("slots", [6, 40, 384])  # 6 = top-k; 384 = all 6 x 64 routed experts
+def test_deepseek_pack_grid_is_bit_identical(deepseek, slots):
+    pack, ids, ref_logits, ref_tokens, future = deepseek
+    for policy, (depth, extra) in itertools.product(("lru", "arc", "belady"), ((0, 0), (2, 2))):
+        factory = tiered_factory(slots, policy, depth, extra, future=future if policy == "belady" else None)
+        logits, tokens, lm = run(pack, ids, factory, new=8)
+        where = f"slots={slots} policy={policy} depth={depth} extra={extra}"
+        assert torch.equal(logits, ref_logits), where
+        assert tokens == ref_tokens, where
+
+
+# ----------------------------------------------------------------------------- GPU (not run on CPU-only CI)
+@pytest.mark.gpu
+@pytest.mark.parametrize("slots", [2, 5, 24])
+def test_gpu_grid_is_bit_identical(mixtral, slots):
+    pack, ids, _, _, future = mixtral
+    ref_logits, ref_tokens, _ = run(pack, ids, device="cuda", dtype="bfloat16")
+    for policy, (depth, extra) in itertools.product(POLICIES, PREFETCH):
+        def factory(source, model, device, dtype, policy=policy, depth=depth, extra=extra):
+            from moe_local.cache.prefetch import RouterLookahead
+            from moe_local.cache.tiered import TieredExperts
+
+            return TieredExperts(source, top_k=2, host_slots=8, gpu_slots=slots, device=device, dtype=dtype,
+                                 policy=policy, future=future if policy == "belady" else None,
+                                 predictor=RouterLookahead(model, depth, extra) if depth else None, miss="transfer")
+        logits, tokens, lm = run(pack, ids, factory, device="cuda", dtype="bfloat16")
+        assert torch.equal(logits, ref_logits) and tokens == ref_tokens, (slots, policy, depth)
+        assert lm.provider.report()["tiers"]["gpu"]["capacity"] == slots
+
+
+@pytest.mark.gpu
+def test_gpu_budget_is_a_hard_limit(mixtral):
+    pack, ids, _, _, _ = mixtral
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    budget = 300 * 2**20  # resident weights + KV + 256 MiB workspace + a few expert slots
+    opts = CacheOptions(gpu_mem=budget, ram="64MiB", prefetch_depth=2, prefetch_extra=2, context=64)
+    logits, tokens, lm = run(pack, ids, provider_factory(opts), device="cuda", dtype="bfloat16")
+    assert torch.cuda.max_memory_allocated() - base <= budget
+    assert lm.provider.plan.gpu_slots >= 2
+
+
+@pytest.mark.gpu
+def test_gpu_cpu_miss_mode_matches_to_float_tolerance(mixtral):
+    """--miss cpu computes misses on the CPU: a different device, so equal only to float tolerance."""
+    pack, ids, _, _, _ = mixtral
+    ref_logits, ref_tokens, _ = run(pack, ids, device="cuda", dtype="float32")
+    logits, tokens, lm = run(pack, ids, provider_factory(CacheOptions(gpu_mem="1GiB", ram="64MiB", miss="cpu",
+                                                                      context=64)), device="cuda", dtype="float32")
+    assert torch.allclose(logits, ref_logits, atol=1e-3) and tokens == ref_tokens
+    assert lm.provider.report()["cpu_computed"] >= 0
