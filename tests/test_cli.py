@@ -29,8 +29,12 @@ def run(*args: str, input: str | None = None):
     return result
 
 
-def gen_json(path, *args: str) -> dict:
-    return json.loads(run("generate", path, "--json", *args).stdout)
+def gen_json(path, *args: str, keep_cache: bool = False) -> dict:
+    """The --json object; its "cache" section (hit rates depend on transfer timing) dropped unless asked for."""
+    payload = json.loads(run("generate", path, "--json", *args).stdout)
+    if not keep_cache:
+        payload.pop("cache", None)
+    return payload
 
 
 def test_generate_streams_text_and_prints_one_timing_line(model):
@@ -57,6 +61,7 @@ def test_generate_json_fields_and_greedy_parity_with_transformers(model):
 def test_generate_prompt_from_stdin(model):
     args = ("-n", "3", "--temperature", "0", "--ignore-eos")
     piped = json.loads(run("generate", model[0], "--json", "--prompt", "-", *args, input="hello experts").stdout)
+    piped.pop("cache", None)
     assert piped == {**gen_json(model[0], "--prompt", "hello experts", *args), "timings": piped["timings"]}
 
 
@@ -161,3 +166,24 @@ def test_inspect_a_pack_shows_schemes_per_group_and_bytes_per_expert(model, tmp_
     assert groups["experts.gate"]["params"]["group_size"] == 64 and groups["experts.gate"]["group_size_used"] == 32
     assert groups["experts.gate"]["bits_per_weight"] == pytest.approx(4 + 24 / 32)
     assert s["pack"]["recipe"]["name"] == "int4" and s["pack"]["source"]["ref"] == str(model[0])
+
+
+def test_cache_budget_changes_speed_not_tokens_and_reports_it(model, tmp_path):
+    """Tiered experts under a budget of a few slots give the tokens of all-resident experts, and the
+    run report / routing trace written along the way load in `report` and `simulate`."""
+    args = ("--prompt", "hello experts", "-n", "10", "--temperature", "0", "--ignore-eos")
+    resident = gen_json(model[0], *args, "--experts", "resident")
+    assert "cache" not in resident
+    stats, trace = tmp_path / "run.json", tmp_path / "trace.jsonl"
+    tight = gen_json(model[0], *args, "--experts", "tiered", "--policy", "lru", "--prefetch-depth", "1",
+                     "--ram", "200KiB", "--stats-json", str(stats), "--trace", str(trace), keep_cache=True)
+    assert tight["tokens"] == resident["tokens"]
+    assert 0.0 <= tight["cache"]["hit_rate"] <= 1.0
+    report = json.loads(stats.read_text())
+    assert report["cache"]["hit_rate"] == tight["cache"]["hit_rate"]
+    assert report["tokens"] == {"prompt": len(tight["prompt_tokens"]), "generated": 10}
+    assert report["cache"]["tiers"]["ram"]["misses"] > 0  # the budget really was tight
+    rendered = run("report", str(stats))
+    assert rendered.exit_code == 0 and "hit rate" in rendered.stdout
+    simulated = run("simulate", str(trace), "--sizes", "4,8", "--json")
+    assert simulated.exit_code == 0, simulated.stdout

@@ -16,12 +16,15 @@ import sys
 import time
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
+from moe_local.cache.options import CacheOptions, provider_factory
+from moe_local.cache.stats import write_json_atomic
 from moe_local.cli.common import err, out, user_errors
 from moe_local.errors import MoeLocalError
 from moe_local.runtime.generate import GenerateOptions, GenerationResult, GenerationStream
@@ -90,9 +93,17 @@ class LoadSpec:
         return session
 
 
+def cache_options(options: dict[str, Any]) -> CacheOptions:
+    return CacheOptions(gpu_mem=options["gpu_mem"], ram=options["ram"], policy=options["policy"],
+                        prefetch_depth=options["prefetch_depth"], prefetch_extra=options["prefetch_extra"],
+                        miss=options["miss"], trace=options["trace"], belady_trace=options["belady_trace"])
+
+
 def make_provider(options: dict[str, Any]) -> ProviderFactory:
-    """The one place CLI options choose where experts live (the tiered cache plugs in here)."""
-    return resident_provider
+    """The one place CLI options choose where experts live: the tiered cache, or all resident."""
+    if options["experts"] == "resident":
+        return resident_provider
+    return provider_factory(cache_options(options))
 
 
 def build_load(**kw: Any) -> LoadSpec:
@@ -103,12 +114,25 @@ def build_load(**kw: Any) -> LoadSpec:
         raise MoeLocalError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if device is not None and device.split(":")[0] not in ("cpu", "cuda", "auto"):
         raise MoeLocalError(f"--device must be cpu, cuda, cuda:N or auto, got {device!r}")
+    if kw["experts"] not in ("tiered", "resident"):
+        raise MoeLocalError(f"--experts must be tiered or resident, got {kw['experts']!r}")
     return LoadSpec(kw.get("device"), kw.get("dtype"), make_provider(kw), kw)
 
 
+_LOAD_PANEL, _CACHE_PANEL = "Model loading", "Expert cache"
 LOAD = OptionGroup("load", [
-    option("device", Annotated[Optional[str], typer.Option(rich_help_panel="Model loading", help="cpu | cuda | cuda:N (default: cuda if available)")], None),
-    option("dtype", Annotated[Optional[str], typer.Option(rich_help_panel="Model loading", help="float32 | bfloat16 | float16 (default: bf16 on GPU, fp32 on CPU)")], None),
+    option("device", Annotated[Optional[str], typer.Option(rich_help_panel=_LOAD_PANEL, help="cpu | cuda | cuda:N (default: cuda if available)")], None),
+    option("dtype", Annotated[Optional[str], typer.Option(rich_help_panel=_LOAD_PANEL, help="float32 | bfloat16 | float16 (default: bf16 on GPU, fp32 on CPU)")], None),
+    option("experts", Annotated[str, typer.Option(rich_help_panel=_CACHE_PANEL, help="tiered: page routed experts through the RAM/GPU cache; resident: load them all up front.")], "tiered"),
+    option("gpu_mem", Annotated[Optional[str], typer.Option("--gpu-mem", rich_help_panel=_CACHE_PANEL, help="GPU budget, e.g. 6GiB (default: free GPU memory minus headroom).")], None),
+    option("ram", Annotated[Optional[str], typer.Option(rich_help_panel=_CACHE_PANEL, help="Host RAM budget for expert slots, e.g. 16GiB (default: half the available RAM).")], None),
+    option("policy", Annotated[str, typer.Option(rich_help_panel=_CACHE_PANEL, help="Eviction: lru | lfu-aging | arc | belady (belady needs --belady-trace).")], "arc"),
+    option("prefetch_depth", Annotated[int, typer.Option(rich_help_panel=_CACHE_PANEL, help="Prefetch experts predicted by the next D layers' routers (0 = off).")], 1),
+    option("prefetch_extra", Annotated[int, typer.Option(rich_help_panel=_CACHE_PANEL, help="Spare experts prefetched beyond each predicted top-k.")], 2),
+    option("miss", Annotated[str, typer.Option(rich_help_panel=_CACHE_PANEL, help="On a GPU miss: transfer | cpu (compute it from RAM) | auto.")], "auto"),
+    option("trace", Annotated[Optional[Path], typer.Option(rich_help_panel=_CACHE_PANEL, help="Write the routing trace (layer and experts per token) to FILE, for `moe-local simulate`.")], None),
+    option("belady_trace", Annotated[Optional[Path], typer.Option(rich_help_panel=_CACHE_PANEL, help="A trace of this same run, recorded earlier: the future --policy belady evicts by.")], None),
+    option("stats_json", Annotated[Optional[Path], typer.Option(rich_help_panel=_CACHE_PANEL, help="Write the run report (timings, cache hits per tier and layer, prefetch, bytes moved) to FILE.")], None),
 ], build_load)
 
 
@@ -201,24 +225,38 @@ def generate(
     use_chat = chat or system is not None
     if use_chat and session.chat_template is None:
         err.print(f"[yellow]{NO_TEMPLATE_NOTE}[/]")
-    stream = session.stream(session.prompt_ids(prompt, ids, chat=use_chat, system=system), gen)
-    if as_json:
-        result = stream.collect()
-        payload = result.to_dict()
-        if stats := provider_stats(session):
-            payload["provider"] = dict(stats)
-        typer.echo(json.dumps(payload))
+    try:
+        stream = session.stream(session.prompt_ids(prompt, ids, chat=use_chat, system=system), gen)
+        if as_json:
+            result = stream.collect()
+            payload = result.to_dict()
+            if callable(report := getattr(session.lm.provider, "report", None)):
+                payload["cache"] = report()  # hit rates depend on transfer timing; tokens never do
+            typer.echo(json.dumps(payload))
+        else:
+            result = stream_to_stdout(stream, ids_only=session.tokenizer is None)
+            print_timing(result)
+            for name, value in provider_stats(session):
+                err.print(f"[dim]{escape(name)}: {escape(value)}[/]")
+    finally:
+        session.close()
+    write_stats(load, session, result)
+
+
+def write_stats(load: LoadSpec, session, result: GenerationResult | None) -> None:
+    """--stats-json: the run report of the last reply (written atomically after the provider settled)."""
+    path = load.options.get("stats_json")
+    if path is None or result is None:
         return
-    result = stream_to_stdout(stream, ids_only=session.tokenizer is None)
-    print_timing(result)
-    for name, value in provider_stats(session):
-        err.print(f"[dim]{escape(name)}: {escape(value)}[/]")
+    options = cache_options(load.options).report_dict() if load.options["experts"] == "tiered" else {}
+    write_json_atomic(path, session.run_report(result, options))
+    err.print(f"[dim]run report written to {escape(str(path))}[/]")
 
 
 CHAT_HELP = """commands:
   /help    this help
   /reset   forget the conversation (keeps the system message)
-  /stats   timings of the last reply
+  /stats   timings of the last reply and the expert cache's live figures
   /quit    leave (also /exit, Ctrl-D, or Ctrl-C at the prompt)
 multi-line input: end a line with \\ to continue on the next one,
   or type \"\"\" on a line of its own to start a block and again to end it.
@@ -294,6 +332,15 @@ def chat(
 
     session = load.open(model, need_tokenizer=True)
     convo = ChatSession(session, system=system)
+    try:
+        repl(session, convo, gen)
+    finally:
+        session.close()
+    write_stats(load, session, convo.last)
+
+
+def repl(session, convo, gen: GenerateOptions) -> None:
+    """Read messages and commands until /quit or end of input; stream each reply."""
     if not convo.templated:
         err.print(f"[yellow]{NO_TEMPLATE_NOTE}[/]")
     err.print("[dim]type /help for commands[/]")

@@ -75,6 +75,25 @@ class Session:
     def stream(self, prompt_ids: Sequence[int], options: GenerateOptions) -> GenerationStream:
         return self.generator.stream(prompt_ids, options)
 
+    def run_report(self, result: "GenerationResult", options: dict | None = None) -> dict:
+        """The `--stats-json` object for one reply: timings, plus the cache section when experts are tiered."""
+        from moe_local.cache.stats import run_report
+
+        t = result.timings
+        report_fn = getattr(self.lm.provider, "report", None)
+        return run_report(
+            model=str(self.lm.root), device=str(self.lm.device), dtype=str(self.lm.dtype).removeprefix("torch."),
+            options=options or {}, prompt_tokens=t.prompt_tokens, generated_tokens=t.generated_tokens,
+            ttft_s=t.ttft_s, prompt_s=t.prefill_s, token_latencies_s=t.token_latencies_s[1:],
+            cache=report_fn() if callable(report_fn) else None,
+        )
+
+    def close(self) -> None:
+        """Let the expert provider finish in-flight transfers and write its routing trace."""
+        close = getattr(self.lm.provider, "close", None)
+        if callable(close):
+            close()
+
 
 def conversation(system: str | None, turns: Sequence[tuple[str, str]]) -> list[Message]:
     messages = [{"role": "system", "content": system}] if system else []
