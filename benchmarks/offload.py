@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from moe_local.cache.adapters import FixedSizeBytes
 from moe_local.cache.budget import MiB, human, parse_size, plan_budget, round_slot
 from moe_local.cache.tiered import TieredExperts, measure_h2d_bandwidth
 from moe_local.errors import CheckpointError, MoeLocalError
@@ -77,7 +78,7 @@ SMOKE_SHAPES = {
 
 
 # --------------------------------------------------------------------------- synthetic INT4 store
-class SyntheticInt4Store:
+class SyntheticInt4Store(FixedSizeBytes):
     """An ExpertBytesSource of random INT4 experts in one file: one aligned range per expert."""
 
     def __init__(self, directory: Path, shape: Shape, group_size: int = 64, progress=None, seed: int = 0) -> None:
@@ -135,17 +136,6 @@ class SyntheticInt4Store:
 
     def _offset(self, layer: int, expert: int) -> int:
         return (layer * self.num_experts + expert) * self.stride
-
-    def expert_nbytes(self, layer: int, expert: int) -> int:
-        return self.nbytes
-
-    def max_expert_nbytes(self) -> int:
-        return self.nbytes
-
-    def view(self, layer: int, expert: int) -> torch.Tensor:
-        out = torch.empty(self.nbytes, dtype=torch.uint8)
-        self.read_into(layer, expert, out)
-        return out
 
     def read_into(self, layer: int, expert: int, out: torch.Tensor, verify: bool = True) -> None:
         mv = memoryview(out[: self.nbytes].numpy()).cast("B")
@@ -323,7 +313,7 @@ class OraclePredictor:
     def __init__(self, routing, shape: Shape, depth: int, extra: int) -> None:
         self.routing, self.shape, self.depth, self.extra, self.t = routing, shape, depth, extra, 0
 
-    def predict(self, layer: int, x):
+    def predict(self, layer: int, x, site: str = "mlp"):
         out = []
         for d in range(1, self.depth + 1):
             target = layer + d

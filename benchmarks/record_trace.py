@@ -6,7 +6,9 @@ token exactly as decoding them one by one with a KV cache would -- and records, 
 layer, the top-k expert ids the router picked. With `--max-depth D` it also records router-lookahead
 predictions: at MoE layer L, the routers of layers L+1..L+D applied to L's hidden state (the residual
 stream entering L's MoE block, normalised by the later layer's own post-attention norm), top-k plus
-`--extra` ids. Those are what `moe-local simulate --prefetch-depth` replays.
+`--extra` ids. The first MoE layer F has no MoE layer before it: as the runtime does (prefetch.py),
+layers F..F+D-1 are predicted from the residual stream entering F (before its attention), stored as
+predicted[d] for moe_layers[d - 1]. Those are what `moe-local simulate --prefetch-depth` replays.
 
     /work/venv/bin/python benchmarks/record_trace.py ../shared/models/pycode-deepseek /tmp/pycode.trace.jsonl
 
@@ -46,7 +48,10 @@ def main() -> None:
 
     chosen: dict[int, torch.Tensor] = {}
     moe_input: dict[int, torch.Tensor] = {}  # residual stream entering the MoE block of each layer
-    hooks = []
+    first = moe_layers[0]
+    hooks = [layers[first].input_layernorm.register_forward_pre_hook(
+        lambda mod, inp: moe_input.__setitem__("entry", inp[0].detach().clone())
+    )]
     for li in moe_layers:
         hooks.append(layers[li].mlp.gate.register_forward_hook(
             lambda mod, inp, out, li=li: chosen.__setitem__(li, out[2].detach().clone())
@@ -58,13 +63,13 @@ def main() -> None:
         model(torch.from_numpy(ids)[None])
         for h in hooks:
             h.remove()
-        # predictions[d][i]: ids for moe_layers[i] predicted at moe_layers[i - d]
+        # predictions[d][i]: ids for moe_layers[i] predicted at moe_layers[i - d] (i < d: at the entry of the first)
         n = len(moe_layers)
         predictions: dict[int, list[torch.Tensor | None]] = {}
         for d in range(1, args.max_depth + 1):
             per_layer: list[torch.Tensor | None] = [None] * n
-            for i in range(d, n):
-                src, dst = moe_layers[i - d], layers[moe_layers[i]]
+            for i in range(d - 1, n):
+                src, dst = (moe_layers[i - d] if i >= d else "entry"), layers[moe_layers[i]]
                 gate = dst.mlp.gate
                 saved = gate.top_k
                 gate.top_k = top_k + args.extra
@@ -88,7 +93,7 @@ def main() -> None:
     # quick sanity figure: predictor recall at depth 1
     if 1 in predictions:
         hit = tot = 0
-        for i in range(1, len(moe_layers)):
+        for i in range(len(moe_layers)):
             p, c = predictions[1][i], chosen[moe_layers[i]]
             for t in range(len(ids)):
                 hit += len(set(p[t].tolist()) & set(c[t].tolist()))

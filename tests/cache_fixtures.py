@@ -1,9 +1,16 @@
-"""Tiny real packs for the cache tests (quantized with moe_local.quant from tiny transformers checkpoints)."""
+"""Shared builders of the cache tests: tiny real packs (quantized with moe_local.quant from tiny
+transformers checkpoints, or from the shared trained model), provider factories with exact slot
+counts, a run helper, and the one-thread fixture.
+
+The fixtures here are module-scoped; a test module gets them by importing their names
+(`from tests.cache_fixtures import one_thread, pack`), each module with its own instance."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
 
 from moe_local.cache.prefetch import RouterLookahead
@@ -13,6 +20,36 @@ from tests.tiny import our_greedy
 
 PROMPT = 16
 NEW = 16
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matmuls on a shared 2-core box: one intra-op thread is ~20x faster than contended ones.
+    Module scope: set before the module's reference runs, so every run uses the same thread count."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def pack(tmp_path_factory) -> Path:
+    """A tiny Mixtral INT4 pack (3 MoE layers x 8 experts, top-2, hidden 64); its checkpoint is `pack.parent / "ckpt"`."""
+    return make_mixtral_pack(tmp_path_factory.mktemp("mixtral"))
+
+
+def make_deepseek_pack(shared_model: Path, root: Path) -> Path:
+    """The shared trained DeepSeek-V3-architecture model as an INT4 pack (layer 0 dense, 6 MoE layers)."""
+    from moe_local.quant.quantize import quantize
+    from moe_local.quant.recipes import build_recipe
+
+    quantize(shared_model, root / "pack", build_recipe("int4"))
+    return root / "pack"
+
+
+def eval_ids(shared_model: Path, n: int) -> torch.Tensor:
+    """The first n held-out token ids of the shared model."""
+    return torch.from_numpy(np.load(shared_model / "eval_ids.npy")[:n].astype(np.int64))
 
 
 def make_mixtral_pack(root: Path, scheme: str = "int4") -> Path:
@@ -28,12 +65,13 @@ def make_mixtral_pack(root: Path, scheme: str = "int4") -> Path:
 
 def tiered_factory(slots: int, policy: str = "lru", depth: int = 0, extra: int = 0, future=None,
                    miss: str = "transfer", trace=None, record: bool = False, io_threads: int = 2,
-                   gpu_slots: int | None = None):
-    """gpu_slots: also a device tier of that many slots -- on a CPU the simulated one (two_tier=True)."""
+                   gpu_slots: int | None = None, predictor_cls: type = RouterLookahead):
+    """gpu_slots: also a device tier of that many slots -- on a CPU the simulated one (two_tier=True).
+    predictor_cls: the router lookahead (a subclass can change where it predicts from)."""
     # A ProviderFactory with an exact slot count (budgets in bytes are tested separately).
 
     def factory(source, model, device, dtype):
-        from moe_local.cache.stats import TraceRecorder
+        from moe_local.cache.trace import TraceRecorder
 
         rec = None
         if trace is not None:
@@ -41,7 +79,7 @@ def tiered_factory(slots: int, policy: str = "lru", depth: int = 0, extra: int =
                                 source.moe_layers, source.max_expert_nbytes())
         return TieredExperts(source, top_k=model.args.num_experts_per_tok, host_slots=slots,
                              act=model.args.hidden_act, device=device, dtype=dtype, policy=policy, future=future,
-                             predictor=RouterLookahead(model, depth, extra) if depth else None, miss=miss,
+                             predictor=predictor_cls(model, depth, extra) if depth else None, miss=miss,
                              io_threads=io_threads, trace=rec, record_accesses=record,
                              gpu_slots=gpu_slots or 0, two_tier=gpu_slots is not None or None)
 

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.cache_fixtures import one_thread  # noqa: F401 (autouse fixture)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -21,14 +23,6 @@ def bench():
     sys.modules[spec.name] = mod  # dataclasses look their module up while the class is created
     spec.loader.exec_module(mod)
     return mod
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_cpu_smoke_writes_a_table_and_json(bench, tmp_path, capsys):

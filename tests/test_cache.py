@@ -10,30 +10,18 @@ import torch
 
 from moe_local.cache.budget import GiB, MiB, parse_size, plan_budget
 from moe_local.cache.options import CacheOptions, provider_factory
-from moe_local.cache.stats import future_from_trace
+from moe_local.cache.simulate import future_from_trace
 from moe_local.cache.tiered import TieredExperts
 from moe_local.cache.tiers import SlotTable
 from moe_local.errors import MoeLocalError
 from moe_local.experts import ResidentExperts
 from moe_local.quant.pack import Pack
-from tests.cache_fixtures import make_mixtral_pack, run, tiered_factory
+from moe_local.runtime.loader import load_model
+from moe_local.cache.prefetch import RouterLookahead
+from tests.cache_fixtures import (eval_ids, make_deepseek_pack, make_mixtral_pack, one_thread, pack,  # noqa: F401
+                                  run, tiered_factory)
 
 H = 64  # hidden size of the tiny Mixtral
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # module scope: set before the module's reference runs, so every run uses the same thread count
-    """Tiny matmuls on a shared 2-core box: one intra-op thread is ~20x faster than contended ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def pack(tmp_path_factory):
-    return make_mixtral_pack(tmp_path_factory.mktemp("mixtral"))
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +132,7 @@ class FixedPredictor:
     def __init__(self, guesses):
         self.guesses = guesses  # layer -> [(depth, target, ids)]
 
-    def predict(self, layer, x):
+    def predict(self, layer, x, site="mlp"):
         return self.guesses.get(layer, [])
 
 
@@ -180,6 +168,52 @@ def test_router_lookahead_predicts_and_counts(pack, prompt):
     assert 0.0 < pf["router_recall"] <= 1.0
 
 
+class MoeLayersOnly(RouterLookahead):
+    """The lookahead as it was before the first MoE layer got its own predictions: MoE layers only."""
+
+    def sources(self):
+        return []
+
+
+def test_first_moe_layer_is_predicted_and_the_hooks_go_away(pack, prompt, tmp_path):
+    """Tiny Mixtral (no dense layer): layer 0 is predicted from its own attention input."""
+    from moe_local.cache.trace import read_trace
+
+    path = tmp_path / "t.jsonl"
+    _, _, lm = run(pack, prompt, tiered_factory(slots=8, depth=1, trace=path))
+    assert RouterLookahead(lm.model, 1).sources() == [(0, "attn")]
+    tr = read_trace(path)
+    last_of_pass = [tok for i, tok in enumerate(tr.tokens)
+                    if i + 1 == len(tr.tokens) or tr.tokens[i + 1].pass_id != tok.pass_id]
+    assert len(last_of_pass) == 2 + 16  # two prompt passes, then one pass per decode step
+    assert all(tok.predicted[1][0] is not None for tok in last_of_pass)
+    assert lm.provider.report()["tokens"] == {"prefill": 32, "decode": 16}  # each pass counted once
+    assert all(not layer.input_layernorm._forward_hooks and not layer.ffn._forward_pre_hooks
+               for layer in lm.model.model.layers)  # close() detached them
+
+
+def test_dense_layer_and_attention_hooks_lift_the_first_moe_layer(shared_model, tmp_path):
+    """The shared model: layer 0 is dense, so layer 1 used to be a cold miss (~40-60% hits against
+    ~85% at layers 2-6). Predicting it from layer 0's MLP input and layer 1's attention input must
+    lift it well above that, with bit-identical logits. 96 slots = 25% of the 384 routed experts."""
+    pack = make_deepseek_pack(shared_model, tmp_path)
+    ids = eval_ids(shared_model, 64).tolist()
+    results = {}
+    for cls in (MoeLayersOnly, RouterLookahead):
+        lm = load_model(pack, device="cpu", dtype="float32",
+                        provider=tiered_factory(96, "arc", depth=1, extra=2, predictor_cls=cls))
+        lm.model.setup_cache(len(ids))
+        logits = torch.cat([lm.model(torch.tensor([t]), pos, last_only=True) for pos, t in enumerate(ids)])
+        lm.provider.close()
+        c = lm.provider.report()
+        assert c["tokens"]["decode"] == len(ids)
+        results[cls] = logits, {r["layer"]: r["hit_rate"] for r in c["layers"]}
+    (before, hits_before), (after, hits_after) = results[MoeLayersOnly], results[RouterLookahead]
+    assert torch.equal(before, after)
+    assert RouterLookahead(lm.model, 1).sources() == [(0, "mlp"), (1, "attn")]
+    assert hits_after[1] >= hits_before[1] + 0.15, (hits_before, hits_after)
+
+
 # ----------------------------------------------------------------------------- traces and reports
 def test_trace_is_readable_and_replays_the_demand_sequence(pack, prompt, tmp_path):
     from moe_local.cache.trace import read_trace
@@ -191,7 +225,16 @@ def test_trace_is_readable_and_replays_the_demand_sequence(pack, prompt, tmp_pat
     assert len(tr.tokens) == 2 * 16 + 16  # our_greedy re-runs the prompt, then 16 decode steps
     assert all(len(ids) == 2 for tok in tr.tokens for ids in tok.experts)
     assert 1 in tr.prediction_depths
+    passes = [tok.pass_id for tok in tr.tokens]  # written by trace.TraceWriter through the recorder
+    assert passes[:32] == [0] * 16 + [1] * 16 and passes[32:] == list(range(2, 2 + 16))
     assert future_from_trace(path) == lm.provider.access_log
+
+
+def test_trace_to_an_unwritable_place_is_a_clear_error(tmp_path):
+    from moe_local.cache.trace import TraceRecorder
+
+    with pytest.raises(MoeLocalError, match="cannot write the routing trace"):
+        TraceRecorder(tmp_path / "missing-dir" / "t.jsonl", "m", 8, 2, [0, 1], 4096)
 
 
 def test_report_cache_section_has_the_contract_fields(pack, prompt):
@@ -260,7 +303,7 @@ class RandomPredictor:
     def __init__(self, rng, depth):
         self.rng, self.depth, self.extra = rng, depth, 0
 
-    def predict(self, layer, x):
+    def predict(self, layer, x, site="mlp"):
         return [(d, layer + d, self.rng.sample(range(8), self.rng.randint(0, 4)))
                 for d in range(1, self.depth + 1) if layer + d <= 2]
 

@@ -7,29 +7,18 @@ from __future__ import annotations
 
 import itertools
 
-import numpy as np
 import pytest
 import torch
 
 from moe_local.cache.options import CacheOptions, provider_factory
-from moe_local.cache.stats import future_from_trace
-from tests.cache_fixtures import make_mixtral_pack, run, tiered_factory
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # module scope: set before the module's reference runs, so every run uses the same thread count
-    """Tiny matmuls on a shared 2-core box: one intra-op thread is ~20x faster than contended ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from moe_local.cache.simulate import future_from_trace
+from tests.cache_fixtures import (eval_ids, make_deepseek_pack, one_thread, pack, run,  # noqa: F401 (fixtures)
+                                  tiered_factory)
 
 
 @pytest.fixture(scope="module")
-def mixtral(tmp_path_factory):
-    root = tmp_path_factory.mktemp("inv-mixtral")
-    pack = make_mixtral_pack(root)
+def mixtral(pack):
+    root = pack.parent
     ids = torch.randint(0, 256, (16,), generator=torch.Generator().manual_seed(11))
     logits, tokens, _ = run(pack, ids)  # ResidentExperts over the same pack
     trace = root / "trace.jsonl"
@@ -98,13 +87,9 @@ def test_mixtral_checkpoint_without_pack_runs_through_the_adapter(mixtral):
 # ----------------------------------------------------------------------------- the shared trained model
 @pytest.fixture(scope="module")
 def deepseek(shared_model, tmp_path_factory):
-    from moe_local.quant.quantize import quantize
-    from moe_local.quant.recipes import build_recipe
-
     root = tmp_path_factory.mktemp("inv-deepseek")
-    pack = root / "pack"
-    quantize(shared_model, pack, build_recipe("int4"))
-    ids = torch.from_numpy(np.load(shared_model / "eval_ids.npy")[:24].astype(np.int64))
+    pack = make_deepseek_pack(shared_model, root)
+    ids = eval_ids(shared_model, 24)
     logits, tokens, _ = run(pack, ids, new=8)
     trace = root / "trace.jsonl"
     run(pack, ids, tiered_factory(slots=48, depth=1, trace=trace), new=8)
@@ -129,13 +114,8 @@ def test_gpu_grid_is_bit_identical(mixtral, slots):
     pack, ids, _, _, future = mixtral
     ref_logits, ref_tokens, _ = run(pack, ids, device="cuda", dtype="bfloat16")
     for policy, (depth, extra) in itertools.product(POLICIES, PREFETCH):
-        def factory(source, model, device, dtype, policy=policy, depth=depth, extra=extra):
-            from moe_local.cache.prefetch import RouterLookahead
-            from moe_local.cache.tiered import TieredExperts
-
-            return TieredExperts(source, top_k=2, host_slots=8, gpu_slots=slots, device=device, dtype=dtype,
-                                 policy=policy, future=future if policy == "belady" else None,
-                                 predictor=RouterLookahead(model, depth, extra) if depth else None, miss="transfer")
+        factory = tiered_factory(8, policy, depth, extra, future=future if policy == "belady" else None,
+                                 gpu_slots=slots)
         logits, tokens, lm = run(pack, ids, factory, device="cuda", dtype="bfloat16")
         assert torch.equal(logits, ref_logits) and tokens == ref_tokens, (slots, policy, depth)
         assert lm.provider.report()["tiers"]["gpu"]["capacity"] == slots

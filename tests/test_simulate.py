@@ -120,6 +120,20 @@ def test_prefetch_accounting_on_a_hand_made_trace(tmp_path):
     assert p.precision == pytest.approx(0.8) and p.recall == pytest.approx(0.4)
 
 
+def test_first_layer_predictions_are_prefetched_at_the_start_of_the_step(tmp_path):
+    """predicted["1"][0] was made before the first MoE layer ran (dense layer / its attention input).
+    Global LRU, 4 slots, depth 1:
+    t0: prefetch (1,0),(1,1) [issued 2]; L1 uses both [hits 2, used 2]; L2 (2,2),(2,3) miss.
+    t1: prefetch (1,2) evicts (1,0), (1,3) evicts (1,1) [issued 4]; L1 hits both [used 4]; L2 hits both.
+    -> hits 6 of 8 (layer 1: 4, layer 2: 2); without those predictions layer 1 would hit 0."""
+    path = write_trace(tmp_path / "t.jsonl", tokens=[([[0, 1], [2, 3]], [[0, 1], None]),
+                                                     ([[2, 3], [2, 3]], [[2, 3], None])])
+    r = simulate(read_trace(path), "lru", 4, prefetch_depth=1)
+    p = r.prefetch
+    assert (r.hits, p.issued, p.used, p.wasted) == (6, 4, 4, 0)
+    assert [x["hits"] for x in r.layers] == [4, 2]
+
+
 def test_prefetch_needs_predictions(tmp_path):
     tr = read_trace(write_trace(tmp_path / "t.jsonl", with_predicted=False))
     with pytest.raises(MoeLocalError, match="needs router predictions"):

@@ -54,14 +54,11 @@ def _decode(buf: torch.Tensor, layout) -> ExpertWeights:
     return ExpertWeights(parts["gate"], parts["up"], parts["down"])
 
 
-class CheckpointBytes:
-    """Any ExpertSource of plain tensors seen as byte ranges (serialised on each read; no checksum)."""
+class FixedSizeBytes:
+    """The size-related ExpertBytesSource methods of a store whose experts all take `nbytes` bytes
+    (a plain checkpoint's experts, the benchmark's synthetic store); `view` copies via `read_into`."""
 
-    def __init__(self, source: ExpertSource) -> None:
-        self.source = source
-        self.moe_layers = list(source.moe_layers)
-        self.num_experts = source.num_experts
-        self.layout, self.nbytes = _layout(source.load(self.moe_layers[0], 0))
+    nbytes: int
 
     def expert_nbytes(self, layer: int, expert: int) -> int:
         return self.nbytes
@@ -71,8 +68,18 @@ class CheckpointBytes:
 
     def view(self, layer: int, expert: int) -> torch.Tensor:
         out = torch.empty(self.nbytes, dtype=torch.uint8)
-        self.read_into(layer, expert, out)
+        self.read_into(layer, expert, out)  # type: ignore[attr-defined]
         return out
+
+
+class CheckpointBytes(FixedSizeBytes):
+    """Any ExpertSource of plain tensors seen as byte ranges (serialised on each read; no checksum)."""
+
+    def __init__(self, source: ExpertSource) -> None:
+        self.source = source
+        self.moe_layers = list(source.moe_layers)
+        self.num_experts = source.num_experts
+        self.layout, self.nbytes = _layout(source.load(self.moe_layers[0], 0))
 
     def read_into(self, layer: int, expert: int, out: torch.Tensor, verify: bool = True) -> None:
         _write(self.source.load(layer, expert), self.layout, out[: self.nbytes])

@@ -18,8 +18,9 @@ from moe_local.cache.budget import (BudgetPlan, default_gpu_budget, default_ram_
                                     module_bytes, parse_size, plan_budget)
 from moe_local.cache.policies import POLICIES
 from moe_local.cache.prefetch import RouterLookahead
-from moe_local.cache.stats import TraceRecorder, future_from_trace
+from moe_local.cache.simulate import future_from_trace
 from moe_local.cache.tiered import MISS_MODES, TieredExperts
+from moe_local.cache.trace import TraceRecorder
 from moe_local.errors import MoeLocalError
 
 

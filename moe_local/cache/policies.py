@@ -74,7 +74,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import OrderedDict, defaultdict
-from typing import Hashable, Iterable, Protocol, Sequence
+from typing import Callable, Hashable, Iterable, Protocol, Sequence
 
 from moe_local.errors import MoeLocalError
 
@@ -110,6 +110,76 @@ def _fallback(resident: Iterable[Key], known: object, pinned: set) -> Key | None
     return None
 
 
+class _LazyHeap:
+    """The resident keys ranked by `rank(key)` (lowest evicted first) in a lazy-deletion min-heap.
+
+    Why lazy: a key's rank changes on every access, and re-sorting is O(n). Each change pushes a
+    fresh entry `(*rank, seq, key)` instead; an entry whose rank no longer equals the key's current
+    one (or whose key left) is stale and dropped when it surfaces. `seq` keeps the heap from ever
+    comparing keys and breaks ties by age. Shared by LFU-with-aging and Belady.
+    """
+
+    def __init__(self, rank: Callable[[Key], tuple]) -> None:
+        self.rank = rank
+        self.resident: set[Key] = set()  # the policy's own view of residency (authoritative)
+        self.entries: list[tuple] = []
+        self._seq = itertools.count()
+
+    def push(self, key: Key) -> None:
+        heapq.heappush(self.entries, (*self.rank(key), next(self._seq), key))
+
+    def rebuild(self) -> None:
+        """Re-rank every resident key (after a change of every rank, or to shed stale entries)."""
+        self.entries = [(*self.rank(k), next(self._seq), k) for k in self.resident]
+        heapq.heapify(self.entries)
+
+    def add(self, key: Key) -> None:
+        self.resident.add(key)
+        self.push(key)
+
+    def discard(self, key: Key) -> None:
+        self.resident.discard(key)
+        if len(self.entries) > 4 * len(self.resident) + 64:
+            self.rebuild()
+
+    def victim(self, resident: Iterable[Key], pinned: set) -> Key | None:
+        skipped = []
+        found = None
+        heap = self.entries
+        while heap:
+            entry = heap[0]
+            key = entry[-1]
+            if key not in self.resident or entry[:-2] != self.rank(key):
+                heapq.heappop(heap)  # stale entry
+                continue
+            if key in pinned:
+                skipped.append(heapq.heappop(heap))
+                continue
+            found = key
+            break
+        for entry in skipped:
+            heapq.heappush(heap, entry)
+        if found is None and not self.resident:
+            found = _fallback(resident, self.resident, pinned)
+        return found
+
+
+class _HeapRankedPolicy:
+    """A policy whose residency and eviction order live in a `_LazyHeap` (`self._heap`); subclasses
+    only say how a key ranks and when a rank changes (`on_access`)."""
+
+    _heap: _LazyHeap
+
+    def on_insert(self, key: Key) -> None:
+        self._heap.add(key)
+
+    def on_remove(self, key: Key) -> None:
+        self._heap.discard(key)
+
+    def victim(self, resident: Iterable[Key], pinned: set) -> Key | None:
+        return self._heap.victim(resident, pinned)
+
+
 class LRUPolicy:
     """Least recently used. Inserts (demand or prefetch) count as the most recent use."""
 
@@ -137,7 +207,7 @@ class LRUPolicy:
         return key
 
 
-class LFUAgingPolicy:
+class LFUAgingPolicy(_HeapRankedPolicy):
     """LFU whose counts are halved every `period` accesses, so yesterday's favourites fade.
 
     Why aging: routing drifts with the content (a docstring vs. a loop body pick different experts);
@@ -152,17 +222,9 @@ class LFUAgingPolicy:
         self.period = max(1, period if period is not None else 8 * max(1, capacity))
         self._count: dict[Key, int] = defaultdict(int)
         self._last: dict[Key, int] = {}
-        self._resident: set[Key] = set()
-        self._heap: list[tuple[int, int, int, Key]] = []
         self._clock = 0
-        self._seq = itertools.count()  # keeps the heap from ever comparing keys
-
-    def _push(self, key: Key) -> None:
-        heapq.heappush(self._heap, (self._count[key], self._last.get(key, -1), next(self._seq), key))
-
-    def _rebuild(self) -> None:
-        self._heap = [(self._count[k], self._last.get(k, -1), next(self._seq), k) for k in self._resident]
-        heapq.heapify(self._heap)
+        self._heap = _LazyHeap(lambda k: (self._count[k], self._last.get(k, -1)))
+        self._resident = self._heap.resident
 
     def on_access(self, key: Key, hit: bool) -> None:
         self._clock += 1
@@ -173,38 +235,9 @@ class LFUAgingPolicy:
                 self._count[k] //= 2
                 if self._count[k] == 0 and k not in self._resident:
                     del self._count[k]
-            self._rebuild()
+            self._heap.rebuild()
         elif key in self._resident:
-            self._push(key)
-
-    def on_insert(self, key: Key) -> None:
-        self._resident.add(key)
-        self._push(key)
-
-    def on_remove(self, key: Key) -> None:
-        self._resident.discard(key)
-        if len(self._heap) > 4 * len(self._resident) + 64:
-            self._rebuild()
-
-    def victim(self, resident: Iterable[Key], pinned: set) -> Key | None:
-        skipped = []
-        found = None
-        heap = self._heap
-        while heap:
-            count, last, seq, key = heap[0]
-            if key not in self._resident or count != self._count[key] or last != self._last.get(key, -1):
-                heapq.heappop(heap)  # stale entry
-                continue
-            if key in pinned:
-                skipped.append(heapq.heappop(heap))
-                continue
-            found = key
-            break
-        for entry in skipped:
-            heapq.heappush(heap, entry)
-        if found is None and not self._resident:
-            found = _fallback(resident, self._resident, pinned)
-        return found
+            self._heap.push(key)
 
 
 class ARCPolicy:
@@ -296,7 +329,7 @@ class ARCPolicy:
         return None
 
 
-class BeladyPolicy:
+class BeladyPolicy(_HeapRankedPolicy):
     """Offline optimum: evict the resident key whose next demanded use is furthest away.
 
     `future` is the full demand sequence the cache will see. Each on_access consumes that key's next
@@ -312,52 +345,17 @@ class BeladyPolicy:
         for i, key in enumerate(future):
             self._positions[key].append(i)
         self._ptr: dict[Key, int] = defaultdict(int)
-        self._resident: set[Key] = set()
-        self._heap: list[tuple[float, int, Key]] = []  # (-next_use, seq, key)
-        self._seq = itertools.count()
+        self._heap = _LazyHeap(lambda k: (-self._next_use(k),))  # furthest next use surfaces first
     def _next_use(self, key: Key) -> float:
         """Position of the key's next unconsumed use; changes only when the key is accessed."""
         pos = self._positions.get(key)
         i = self._ptr.get(key, 0)
         return float(pos[i]) if pos and i < len(pos) else float("inf")
 
-    def _push(self, key: Key) -> None:
-        heapq.heappush(self._heap, (-self._next_use(key), next(self._seq), key))
-
     def on_access(self, key: Key, hit: bool) -> None:
         self._ptr[key] += 1
-        if key in self._resident:
-            self._push(key)
-
-    def on_insert(self, key: Key) -> None:
-        self._resident.add(key)
-        self._push(key)
-
-    def on_remove(self, key: Key) -> None:
-        self._resident.discard(key)
-        if len(self._heap) > 4 * len(self._resident) + 64:
-            self._heap = [(-self._next_use(k), next(self._seq), k) for k in self._resident]
-            heapq.heapify(self._heap)
-
-    def victim(self, resident: Iterable[Key], pinned: set) -> Key | None:
-        skipped = []
-        found = None
-        heap = self._heap
-        while heap:
-            neg, seq, key = heap[0]
-            if key not in self._resident or -neg != self._next_use(key):
-                heapq.heappop(heap)
-                continue
-            if key in pinned:
-                skipped.append(heapq.heappop(heap))
-                continue
-            found = key
-            break
-        for entry in skipped:
-            heapq.heappush(heap, entry)
-        if found is None and not self._resident:
-            found = _fallback(resident, self._resident, pinned)
-        return found
+        if key in self._heap.resident:
+            self._heap.push(key)
 
 
 def make_policy(name: str, capacity: int, future: Sequence[Key] | None = None) -> EvictionPolicy:

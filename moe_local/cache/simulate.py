@@ -30,10 +30,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from moe_local.cache.policies import POLICIES, make_policy
-from moe_local.cache.trace import Trace, TraceToken
+from moe_local.cache.trace import Trace, TraceToken, read_trace
 from moe_local.errors import MoeLocalError
 
 Key = tuple[int, int]
@@ -146,6 +147,14 @@ def demand_sequence(trace: Trace, steps: Sequence[Step], layer_index: int | None
     return seq
 
 
+def future_from_trace(path: str | Path) -> list[Key]:
+    """The demand sequence a TieredExperts will produce for the run a trace recorded -- what
+    `--policy belady` needs as its future. The provider demands, per MoE layer call, the sorted
+    distinct experts of all tokens of the pass: the replay's steps with prefill included."""
+    trace = read_trace(path)
+    return demand_sequence(trace, select_steps(trace, include_prefill=True))
+
+
 def simulate(
     trace: Trace,
     policy: str,
@@ -190,8 +199,35 @@ def simulate(
             unused_prefetch.discard(key)
             pf.wasted += 1
 
+    def prefetch(step: Step, i: int, cache: _Cache | None, pinned: set) -> None:
+        """Insert the predictions made at layer index i (-1: before the first MoE layer)."""
+        for d in range(1, prefetch_depth + 1):
+            j = i + d
+            if j >= n:
+                break
+            pred = step.predicted.get(d)
+            ids = pred[j] if pred else None
+            if not ids:
+                continue
+            target = caches[j]
+            for e in sorted(set(ids)):
+                key = (layers[j], e)
+                if key in target.resident:
+                    waiting.setdefault(key, j)  # already here: protect it for its layer, nothing to issue
+                    continue
+                guard = (pinned | waiting.keys()) if target is cache else set(waiting)
+                if not target.make_room(guard, on_evict):
+                    pf.dropped += 1
+                    continue
+                target.resident.add(key)
+                target.policy.on_insert(key)
+                unused_prefetch.add(key)
+                waiting[key] = j
+                pf.issued += 1
+
     for step in steps:
         waiting.clear()
+        prefetch(step, -1, None, set())
         for i in range(n):
             cache = caches[i]
             layer = layers[i]
@@ -215,29 +251,7 @@ def simulate(
                     continue  # a prefill step wider than the cache: streamed through, not cached
                 cache.resident.add(key)
                 cache.policy.on_insert(key)
-            for d in range(1, prefetch_depth + 1):
-                j = i + d
-                if j >= n:
-                    break
-                pred = step.predicted.get(d)
-                ids = pred[j] if pred else None
-                if not ids:
-                    continue
-                target = caches[j]
-                for e in sorted(set(ids)):
-                    key = (layers[j], e)
-                    if key in target.resident:
-                        waiting.setdefault(key, j)  # already here: protect it for its layer, nothing to issue
-                        continue
-                    guard = (pinned | waiting.keys()) if target is cache else set(waiting)
-                    if not target.make_room(guard, on_evict):
-                        pf.dropped += 1
-                        continue
-                    target.resident.add(key)
-                    target.policy.on_insert(key)
-                    unused_prefetch.add(key)
-                    waiting[key] = j
-                    pf.issued += 1
+            prefetch(step, i, cache, pinned)
     pf.wasted += len(unused_prefetch)
     pf.precision = pf.used / pf.issued if pf.issued else 0.0
     pf.recall = pf.used / (pf.used + misses_total) if (pf.used + misses_total) else 0.0

@@ -1,4 +1,4 @@
-"""Counters of the tiered cache -> the "cache" section of the run report, and the routing trace.
+"""Counters of the tiered cache -> the "cache" section of the run report (the routing trace is trace.py).
 
 Definitions (also in the README):
 - a *use* is one expert demanded by one MoE layer call (an expert picked by several tokens of a
@@ -53,7 +53,6 @@ class CacheStats:
     prefetch_late: int = 0
     prefetch_wasted: int = 0
     uncovered_misses: int = 0
-    predicted: int = 0  # router-lookahead predictions (depth 1) scored against the real routing
     predicted_right: int = 0
     actual_scored: int = 0
     disk_to_ram: int = 0
@@ -144,97 +143,3 @@ def write_json_atomic(path: str | Path, obj: dict) -> Path:
     except OSError as exc:
         raise MoeLocalError(f"cannot write the run report: {exc.strerror}", path) from None
     return path
-
-
-# --------------------------------------------------------------------------- routing trace
-class TraceRecorder:
-    """Writes the routing trace (`--trace FILE`, JSON Lines, format "moe-local-trace" v1).
-
-    The provider sees one layer at a time; a token's line needs all its layers, so rows of the
-    current forward pass are buffered and written when the next pass starts (or on close).
-    Written to a temporary name and renamed on close, so a crash never leaves half a trace that
-    looks whole.
-    """
-
-    def __init__(self, path: str | Path, model: str, num_experts: int, top_k: int,
-                 moe_layers: Sequence[int], expert_bytes: int) -> None:
-        self.path = Path(path)
-        self.moe_layers = list(moe_layers)
-        self.index = {l: i for i, l in enumerate(self.moe_layers)}
-        self.tmp = self.path.with_name(self.path.name + ".tmp")
-        try:
-            self.file = open(self.tmp, "w")
-        except OSError as exc:
-            raise MoeLocalError(f"cannot write the routing trace: {exc.strerror}", self.path) from None
-        header = {"format": "moe-local-trace", "version": 1, "model": model, "num_experts": num_experts,
-                  "top_k": top_k, "moe_layers": self.moe_layers, "expert_bytes": int(expert_bytes)}
-        self.file.write(json.dumps(header) + "\n")
-        self.t = 0
-        self.passes = 0  # extra field "pass": which model call a token ran in (prefill may be chunked)
-        self.rows: list[dict] = []
-
-    def begin_pass(self, T: int) -> None:
-        self.flush()
-        phase = "prefill" if T > 1 else "decode"
-        n = len(self.moe_layers)
-        self.rows = [{"t": self.t + i, "phase": phase, "pass": self.passes, "experts": [None] * n}
-                     for i in range(T)]
-        self.t += T
-        self.passes += 1
-
-    def layer(self, layer: int, ids: list[list[int]]) -> None:
-        i = self.index[layer]
-        for row, token_ids in zip(self.rows, ids):
-            row["experts"][i] = token_ids
-
-    def predicted(self, depth: int, layer: int, ids: list[int]) -> None:
-        """Prediction made `depth` MoE layers ahead for `layer`, attached to the pass's last token."""
-        if not self.rows:
-            return
-        row = self.rows[-1]
-        pred = row.setdefault("predicted", {}).setdefault(str(depth), [None] * len(self.moe_layers))
-        pred[self.index[layer]] = ids
-
-    def flush(self) -> None:
-        for row in self.rows:
-            self.file.write(json.dumps(row) + "\n")
-        self.rows = []
-
-    def close(self) -> None:
-        if self.file.closed:
-            return
-        self.flush()
-        self.file.close()
-        self.tmp.replace(self.path)
-
-
-def future_from_trace(path: str | Path) -> list[tuple[int, int]]:
-    """The demand sequence a TieredExperts will produce for the run a trace recorded.
-
-    The provider demands, per MoE layer call, the sorted distinct experts of all tokens of the pass;
-    a prefill pass is a run of consecutive "prefill" lines, a decode pass one "decode" line. This is
-    what `--policy belady` needs as its future.
-    """
-    lines = Path(path).read_text().splitlines()
-    try:
-        header = json.loads(lines[0])
-        rows = [json.loads(s) for s in lines[1:] if s.strip()]
-    except (IndexError, json.JSONDecodeError) as exc:
-        raise MoeLocalError(f"not a moe-local routing trace ({exc})", path) from None
-    if header.get("format") != "moe-local-trace":
-        raise MoeLocalError("not a moe-local routing trace (bad header)", path)
-    layers = header["moe_layers"]
-    passes: list[list[dict]] = []
-    for row in rows:
-        if passes and "pass" in row and row["pass"] == passes[-1][0].get("pass"):
-            passes[-1].append(row)
-        elif "pass" not in row and row["phase"] == "prefill" and passes and passes[-1][0]["phase"] == "prefill":
-            passes[-1].append(row)
-        else:
-            passes.append([row])
-    future: list[tuple[int, int]] = []
-    for p in passes:
-        for i, layer in enumerate(layers):
-            ids = sorted({e for row in p for e in (row["experts"][i] or [])})
-            future.extend((layer, e) for e in ids)
-    return future

@@ -8,7 +8,9 @@ Data flow of one MoE layer call (`forward(layer, x, ids, weights)`):
    (the policy names a non-pinned victim) and its transfer is issued at once: disk -> RAM on the
    I/O thread pool, RAM -> GPU on a dedicated CUDA copy stream, ordered by CUDA events;
 3. the router lookahead predicts the next layers' experts and prefetches them into whatever slots
-   are free or evictable *without* touching anything this layer needs;
+   are free or evictable *without* touching anything this layer needs (the first MoE layer is
+   predicted earlier, from hooks on the dense layers before it and on its attention input: see
+   `before_block`);
 4. `combine_experts` visits the experts in ascending id order and waits for each one only when its
    turn comes, so compute on the ready experts overlaps the transfers of the others, and the
    arithmetic is the same as `ResidentExperts`' whatever is cached.
@@ -39,8 +41,9 @@ import torch
 from moe_local.cache.budget import BudgetPlan, round_slot
 from moe_local.cache.policies import make_policy
 from moe_local.cache.prefetch import RouterLookahead
-from moe_local.cache.stats import CacheStats, TierCounters, TraceRecorder
+from moe_local.cache.stats import CacheStats, TierCounters
 from moe_local.cache.tiers import Tier, allocate_slab
+from moe_local.cache.trace import TraceRecorder
 from moe_local.errors import MoeLocalError
 from moe_local.experts import ACTIVATIONS, ExpertWeights, combine_experts
 
@@ -153,11 +156,17 @@ class TieredExperts:
         self.auto_cpu = False
         if self.cuda and miss == "auto":
             self._calibrate()
+        # earlier points of the token (dense MLPs, the first MoE layer's attention) predict the first
+        # MoE layer, which has no MoE layer before it; the earliest of them starts a forward pass
+        attach = getattr(predictor, "attach", None)
+        self._hooks = attach(self.before_block) if attach is not None else []
+        points = [_position(l, site) for l, site in predictor.sources()] if self._hooks else []
+        self.pass_start = min(points + [_position(self.first_layer, "mlp")])
 
     # ------------------------------------------------------------------ public
     def forward(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         T = x.shape[0]
-        if layer == self.first_layer:
+        if _position(layer, "mlp") == self.pass_start:
             self._new_pass(T)
         if self.trace is not None:
             self.trace.layer(layer, ids.tolist())
@@ -194,6 +203,15 @@ class TieredExperts:
             self._end_run(run, ok)
         return y
 
+    def before_block(self, layer: int, x: torch.Tensor, site: str) -> None:
+        """A dense layer's MLP (site "mlp") or the first MoE layer's attention ("attn") is about to
+        run on x, its normed input: prefetch the experts the next MoE layers' routers pick for x, so
+        the first MoE layer is not a guaranteed cold miss. Called by the predictor's model hooks."""
+        if _position(layer, site) == self.pass_start:
+            self._new_pass(x.shape[0])
+        self._reap()
+        self._prefetch(layer, x, set(), site=site, skip_wide=True)
+
     def report(self) -> dict:
         """The "cache" section of the run report."""
         return self.stats.cache_section()
@@ -229,6 +247,9 @@ class TieredExperts:
             self._finish_load(tier, key, wait=True, swallow=True)
 
     def close(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
         self.drain()
         self.pool.shutdown(wait=True)
         if self.trace is not None:
@@ -586,16 +607,22 @@ class TieredExperts:
             else:
                 st.prefetch_wasted += 1
 
-    def _prefetch(self, layer: int, x: torch.Tensor, need: set) -> None:
+    def _prefetch(self, layer: int, x: torch.Tensor, need: set, site: str = "mlp", skip_wide: bool = False) -> None:
         """Prefetch predicted experts of later layers into free or evictable slots, never evicting
-        anything this layer needs or anything already prefetched for a layer still to come."""
+        anything this layer needs or anything already prefetched for a layer still to come.
+
+        skip_wide: skip a target whose prediction does not fit its tier (a wide prefill chunk will
+        stream that layer anyway; prefetching it would only flush the cache). MoE layers get the
+        same effect by not prefetching while they stream themselves."""
         assert self.predictor is not None
-        for depth, target, ranked in self.predictor.predict(layer, x):
+        for depth, target, ranked in self.predictor.predict(layer, x, site):
             if self.trace is not None:
-                self.trace.predicted(depth, target, ranked)
+                self.trace.predicted_ids(depth, target, ranked)
             if depth == 1:
                 self.predictions[target] = set(ranked)
             tier = self.compute if depth == 1 else self.host
+            if skip_wide and len(ranked) > tier.capacity:
+                continue
             protect = set(need) | {k for (name, k) in self.pending_prefetch if name == tier.name}
             for e in ranked:
                 k = (target, e)
@@ -630,6 +657,11 @@ class TieredExperts:
         transfer_s = n / bw
         self.calibration = {"h2d_bytes_per_s": bw, "cpu_expert_s": cpu_s, "transfer_expert_s": transfer_s}
         self.auto_cpu = cpu_s < transfer_s
+
+
+def _position(layer: int, site: str) -> tuple[int, int]:
+    """Execution order of a point in the model: a layer's attention input comes before its MLP's."""
+    return (layer, 0 if site == "attn" else 1)
 
 
 def _arrived(load: _Load) -> bool:

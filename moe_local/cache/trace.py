@@ -9,11 +9,14 @@ notes/cache-contract.md) is one header line followed by one line per token in ex
     {"t": 0, "phase": "prefill", "experts": [[...], ...], "predicted": {"1": [null, [...], ...]}}
 
 `predicted["d"][i]` holds the ids predicted for `moe_layers[i]` d MoE layers earlier (null where no
-prediction was made, e.g. i < d). An optional integer "pass" per token names the model call that ran
+prediction was made); for i < d the prediction was made before the first MoE layer ran (from a dense
+layer's MLP input or the first MoE layer's attention input, see prefetch.py). An optional integer "pass" per token names the model call that ran
 it (the tokens of one prefill call share it). Extra header keys are kept (in `Trace.extra`).
 
 `TraceWriter` writes to a temporary name and renames on close, so a crashed run never leaves a
-truncated trace under the requested name. `read_trace` checks every line and raises a one-line
+truncated trace under the requested name. `TraceRecorder` feeds it from the tiered cache, which sees
+one layer of a forward pass at a time (the only writer of the format: benchmarks, tests and the
+runtime all go through `TraceWriter`). `read_trace` checks every line and raises a one-line
 `MoeLocalError` naming the file, the line number and what is wrong.
 """
 
@@ -87,7 +90,10 @@ class TraceWriter:
         }
         for key, value in (extra or {}).items():
             header.setdefault(key, value)
-        self._fh: IO[str] | None = open(self._tmp, "w", encoding="utf-8")
+        try:
+            self._fh: IO[str] | None = open(self._tmp, "w", encoding="utf-8")
+        except OSError as exc:
+            raise MoeLocalError(f"cannot write the routing trace: {exc.strerror}", self.path) from None
         self._write(header)
 
     def _write(self, obj: dict) -> None:
@@ -100,19 +106,28 @@ class TraceWriter:
         phase: str,
         experts_per_layer: Sequence[Sequence[int]],
         predicted: Mapping[int | str, Sequence[Sequence[int] | None]] | None = None,
+        pass_id: int | None = None,
     ) -> None:
-        """One token: `experts_per_layer[i]` are the ids it used in `moe_layers[i]`."""
+        """One token: `experts_per_layer[i]` are the ids it used in `moe_layers[i]`; `pass_id` names
+        the model call that ran it (written as "pass")."""
         if phase not in PHASES:
             raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
         if len(experts_per_layer) != len(self.moe_layers):
             raise ValueError(f"expected experts for {len(self.moe_layers)} MoE layers, got {len(experts_per_layer)}")
-        obj: dict = {"t": int(t), "phase": phase, "experts": [[int(e) for e in ids] for ids in experts_per_layer]}
+        obj: dict = {"t": int(t), "phase": phase}
+        if pass_id is not None:
+            obj["pass"] = int(pass_id)
+        obj["experts"] = [[int(e) for e in ids] for ids in experts_per_layer]
         if predicted:
             obj["predicted"] = {
                 str(int(d)): [None if ids is None else [int(e) for e in ids] for ids in per_layer]
                 for d, per_layer in predicted.items()
             }
         self._write(obj)
+
+    @property
+    def closed(self) -> bool:
+        return self._fh is None
 
     def close(self) -> None:
         if self._fh is None:
@@ -136,6 +151,61 @@ class TraceWriter:
             self.close()
         else:
             self.abort()
+
+
+class TraceRecorder:
+    """The tiered cache's side of `--trace FILE`: per-layer calls in, per-token lines out.
+
+    The provider sees one layer of a forward pass at a time; a token's line needs all its layers, so
+    the pass's tokens are buffered and handed to the `TraceWriter` when the next pass begins (or on
+    close). Every token carries "pass" (a chunked prefill is several passes) for `future_from_trace`.
+    """
+
+    def __init__(self, path: str | Path, model: str, num_experts: int, top_k: int,
+                 moe_layers: Sequence[int], expert_bytes: int) -> None:
+        self.writer = TraceWriter(path, model=model, num_experts=num_experts, top_k=top_k,
+                                  moe_layers=moe_layers, expert_bytes=expert_bytes)
+        self.moe_layers = self.writer.moe_layers
+        self.index = {l: i for i, l in enumerate(self.moe_layers)}
+        self.t = 0
+        self.passes = 0
+        self.phase = "decode"
+        self.experts: list[list[list[int]]] = []  # [token][moe layer index] -> ids
+        self.predicted: dict[int, list[list[int] | None]] = {}  # depth -> per layer, for the pass's last token
+
+    @property
+    def path(self) -> Path:
+        return self.writer.path
+
+    def begin_pass(self, T: int) -> None:
+        self.flush()
+        self.phase = "prefill" if T > 1 else "decode"
+        self.experts = [[[] for _ in self.moe_layers] for _ in range(T)]
+
+    def layer(self, layer: int, ids: list[list[int]]) -> None:
+        i = self.index[layer]
+        for row, token_ids in zip(self.experts, ids):
+            row[i] = token_ids
+
+    def predicted_ids(self, depth: int, layer: int, ids: list[int]) -> None:
+        """Prediction made `depth` MoE layers ahead for `layer`, attached to the pass's last token."""
+        if self.experts:
+            self.predicted.setdefault(depth, [None] * len(self.moe_layers))[self.index[layer]] = ids
+
+    def flush(self) -> None:
+        last = len(self.experts) - 1
+        for i, row in enumerate(self.experts):
+            self.writer.record(self.t, self.phase, row, self.predicted if i == last else None, pass_id=self.passes)
+            self.t += 1
+        if self.experts:
+            self.passes += 1
+        self.experts, self.predicted = [], {}
+
+    def close(self) -> None:
+        if self.writer.closed:
+            return
+        self.flush()
+        self.writer.close()
 
 
 def _ids(value: object, num_experts: int, where: str, path: Path) -> list[int]:
