@@ -62,7 +62,9 @@ def test_mixtral_two_tier_grid_is_bit_identical(mixtral, gpu_slots, host_slots):
         assert c["tiers"]["gpu"]["capacity"] == gpu_slots and c["bytes"]["ram_to_gpu"] > 0, where
         if miss == "transfer":
             assert c["cpu_computed"] == 0, where
-        elif gpu_slots <= 5:  # small device tiers miss during decode: those experts ran on the CPU
+        elif gpu_slots <= 5 and depth == 0:
+            # Small device tiers without prefetch must miss during decode: those experts ran on the CPU.
+            # (With prefetch, whether a miss happens depends on transfer timing.)
             assert c["cpu_computed"] > 0, where
         assert not lm.provider.host.table.pins and not lm.provider.gpu.table.pins, where
 
