@@ -109,17 +109,18 @@ def combine_experts(
     out = torch.zeros_like(x)
     flat_ids = ids.reshape(-1)
     order = torch.argsort(flat_ids, stable=True)
-    sorted_ids = flat_ids[order]
-    experts, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
-    k = ids.shape[-1]
+    experts, counts = torch.unique_consecutive(flat_ids[order], return_counts=True)
+    # Token and weight of every (token, slot) pair in expert order, gathered once: inside the loop
+    # each expert only slices them (no per-expert kernels beyond its own compute).
+    tokens_sorted = order // ids.shape[-1]
+    weights_sorted = weights.reshape(-1)[order, None]
     start = 0
-    for e, n in zip(experts.tolist(), counts.tolist()):
-        slots = order[start : start + n]
-        start += n
-        tokens = slots // k
+    for e, n in zip(*torch.stack((experts, counts)).tolist()):  # one device->host sync, not two
+        tokens = tokens_sorted[start : start + n]
         y = fetch(e)(x[tokens], act)
-        y = y * weights.reshape(-1)[slots, None]
+        y = y * weights_sorted[start : start + n]
         out.index_add_(0, tokens, y.to(out.dtype))
+        start += n
     return out
 
 

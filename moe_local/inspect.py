@@ -11,8 +11,6 @@ experts stay packed (that is how the runtime holds them).
 
 from __future__ import annotations
 
-import json
-import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +18,7 @@ from typing import Any
 from moe_local.errors import CheckpointError
 from moe_local.loading.checkpoint import Checkpoint
 from moe_local.loading.hub import resolve_model_dir
-from moe_local.quant.pack import Pack, is_pack
+from moe_local.quant.pack import Pack, is_pack, read_st_header
 from moe_local.runtime.loader import build_model_for
 
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
@@ -29,23 +27,14 @@ RUN_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def read_safetensors_header(path: Path) -> dict[str, dict]:
-    """name -> {"dtype", "shape", "data_offsets"} from the header (8-byte length + JSON), no tensor data read."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise CheckpointError("is too short to be a safetensors file; is it truncated?", path)
-            (n,) = struct.unpack("<Q", raw)
-            header = json.loads(f.read(n)) if n < 100_000_000 else None
-            size = f.seek(0, 2)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        header = None
-    if not isinstance(header, dict):
-        raise CheckpointError("has an unreadable safetensors header; is it truncated?", path)
-    header.pop("__metadata__", None)
+    """name -> {"dtype", "shape", "data_offsets"} from the header, no tensor data read; a file too
+    short for the data its header describes is named as truncated."""
+    start, header = read_st_header(path)
+    header = {name: info for name, info in header.items() if name != "__metadata__"}
     end = max((int(t["data_offsets"][1]) for t in header.values()), default=0)
-    if 8 + n + end > size:
-        raise CheckpointError(f"is truncated: its header needs {8 + n + end} bytes, the file has {size}", path)
+    size = path.stat().st_size
+    if start + end > size:
+        raise CheckpointError(f"is truncated: its header needs {start + end} bytes, the file has {size}", path)
     return header
 
 
@@ -91,8 +80,7 @@ def summarize(ref: str | Path, run_dtype: str = "bfloat16") -> ModelSummary:
     if is_pack(root):
         return summarize_pack(root, run_dtype)
     ckpt = Checkpoint(root)
-    config = ckpt.config
-    model = build_model_for(config, root)  # meta device: shapes, no memory
+    model = build_model_for(ckpt.config, root)  # meta device: shapes, no memory
     a = model.args
 
     headers: dict[str, dict] = {}
@@ -104,27 +92,11 @@ def summarize(ref: str | Path, run_dtype: str = "bfloat16") -> ModelSummary:
     expert_dtypes = [headers[n]["dtype"] for n in headers if n.startswith(layout.prefix(a.moe_layers[0]) + ".")
                      and not n.endswith("_scale_inv")] if a.moe_layers else []
     dtype = expert_dtypes[0] if expert_dtypes else next(iter(headers.values()))["dtype"]
-
-    dense = sum(p.numel() for n, p in model.named_parameters()
-                if not (a.tie_word_embeddings and n == "lm_head.weight"))
-    per_expert = 3 * a.hidden_size * a.moe_intermediate_size
-    n_moe = len(a.moe_layers)
-    total = dense + n_moe * a.num_experts * per_expert
-    active = dense + n_moe * a.num_experts_per_tok * per_expert
-
-    model.setup_cache(1)  # meta tensors: counts elements, allocates nothing
-    kv_elems = model.kv_cache_bytes() // model.lm_head.weight.element_size()
-    bpe = RUN_DTYPE_BYTES[run_dtype]
-    ctx = int(a.max_position_embeddings)
-    kv_total = kv_elems * bpe * ctx
-    return ModelSummary(
-        path=str(root), family=model.family, layers=a.num_hidden_layers, moe_layers=n_moe,
-        experts_per_layer=a.num_experts, top_k=a.num_experts_per_tok, shared_experts=_shared_experts(config),
-        hidden_size=a.hidden_size, expert_intermediate_size=a.moe_intermediate_size, context_length=ctx,
-        checkpoint_dtype=dtype, checkpoint_bytes=on_disk, total_params=total, active_params=active,
-        dense_params=dense, expert_params=per_expert, bytes_per_expert=per_expert * DTYPE_BYTES.get(dtype, 2),
-        run_dtype=run_dtype, kv_bytes_per_token=kv_elems * bpe,
-        memory_all_resident=total * bpe + kv_total, memory_min_offload=active * bpe + kv_total,
+    per_expert = _expert_params(a)
+    return _summary(
+        model, root, ckpt.config, run_dtype,
+        expert_run_bytes=len(a.moe_layers) * per_expert * RUN_DTYPE_BYTES[run_dtype],
+        checkpoint_dtype=dtype, checkpoint_bytes=on_disk, bytes_per_expert=per_expert * DTYPE_BYTES.get(dtype, 2),
     )
 
 
@@ -148,36 +120,47 @@ def summarize_pack(root: Path, run_dtype: str = "bfloat16") -> ModelSummary:
     finally:
         pack.close()
     desc["groups"] = _pack_groups(desc["groups"])
-    model = build_model_for(pack.config, root)  # meta device: shapes, no memory
-    a = model.args
-    dense = sum(p.numel() for n, p in model.named_parameters()
-                if not (a.tie_word_embeddings and n == "lm_head.weight"))
-    per_expert = 3 * a.hidden_size * a.moe_intermediate_size
-    n_moe = len(a.moe_layers)
-    total = dense + n_moe * a.num_experts * per_expert
-    active = dense + n_moe * a.num_experts_per_tok * per_expert
-    per_layer = desc["bytes_per_expert"]
-    model.setup_cache(1)
-    kv_elems = model.kv_cache_bytes() // model.lm_head.weight.element_size()
-    bpe = RUN_DTYPE_BYTES[run_dtype]
-    kv_total = kv_elems * bpe * int(a.max_position_embeddings)
     schemes = sorted({g["scheme"] for g in desc["groups"]})
-    return ModelSummary(
-        path=str(root), family=model.family, layers=a.num_hidden_layers, moe_layers=n_moe,
-        experts_per_layer=a.num_experts, top_k=a.num_experts_per_tok, shared_experts=_shared_experts(pack.config),
-        hidden_size=a.hidden_size, expert_intermediate_size=a.moe_intermediate_size,
-        context_length=int(a.max_position_embeddings),
+    return _summary(
+        build_model_for(pack.config, root), root, pack.config, run_dtype,
+        expert_run_bytes=sum(desc["bytes_per_expert"].values()),
         checkpoint_dtype="pack: " + "+".join(schemes), checkpoint_bytes=int(desc["pack_bytes"]),
-        total_params=total, active_params=active, dense_params=dense, expert_params=per_expert,
-        bytes_per_expert=int(desc["max_expert_bytes"]), run_dtype=run_dtype, kv_bytes_per_token=kv_elems * bpe,
-        memory_all_resident=dense * bpe + sum(per_layer.values()) * a.num_experts + kv_total,
-        memory_min_offload=dense * bpe + sum(per_layer.values()) * a.num_experts_per_tok + kv_total,
-        pack=desc,
+        bytes_per_expert=int(desc["max_expert_bytes"]), pack=desc,
     )
 
 
-def layer_ranges(layers: list[int]) -> str:
-    """[1, 2, 3, 6] -> "1-3, 6" (for the table)."""
+def _expert_params(a) -> int:
+    return 3 * a.hidden_size * a.moe_intermediate_size
+
+
+def _summary(model, root: Path, config: dict, run_dtype: str, expert_run_bytes: int, **stored: Any) -> ModelSummary:
+    """The figures checkpoints and packs share, from the meta-device `model`. `expert_run_bytes`:
+    one routed expert in every MoE layer as the runtime holds it; `stored`: how the files hold it."""
+    a = model.args
+    dense = sum(p.numel() for n, p in model.named_parameters()
+                if not (a.tie_word_embeddings and n == "lm_head.weight"))
+    per_expert = _expert_params(a)
+    n_moe = len(a.moe_layers)
+    model.setup_cache(1)  # meta tensors: counts elements, allocates nothing
+    kv_elems = model.kv_cache_bytes() // model.lm_head.weight.element_size()
+    bpe = RUN_DTYPE_BYTES[run_dtype]
+    ctx = int(a.max_position_embeddings)
+    kv_total = kv_elems * bpe * ctx
+    return ModelSummary(
+        path=str(root), family=model.family, layers=a.num_hidden_layers, moe_layers=n_moe,
+        experts_per_layer=a.num_experts, top_k=a.num_experts_per_tok, shared_experts=_shared_experts(config),
+        hidden_size=a.hidden_size, expert_intermediate_size=a.moe_intermediate_size, context_length=ctx,
+        total_params=dense + n_moe * a.num_experts * per_expert,
+        active_params=dense + n_moe * a.num_experts_per_tok * per_expert,
+        dense_params=dense, expert_params=per_expert, run_dtype=run_dtype, kv_bytes_per_token=kv_elems * bpe,
+        memory_all_resident=dense * bpe + a.num_experts * expert_run_bytes + kv_total,
+        memory_min_offload=dense * bpe + a.num_experts_per_tok * expert_run_bytes + kv_total,
+        **stored,
+    )
+
+
+def layer_ranges(layers: list[int], sep: str = ", ") -> str:
+    """[1, 2, 3, 6] -> "1-3, 6" (for tables and messages)."""
     parts: list[str] = []
     start = prev = None
     for x in sorted(layers):
@@ -189,7 +172,7 @@ def layer_ranges(layers: list[int]) -> str:
         start = prev = x
     if start is not None:
         parts.append(f"{start}-{prev}" if prev != start else str(start))
-    return ", ".join(parts)
+    return sep.join(parts)
 
 
 def pack_rows(pack: dict[str, Any]) -> list[tuple[str, str]]:
@@ -222,19 +205,23 @@ def pack_rows(pack: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TiB"
+    """1536 -> "1.50 KiB"; bytes below 1 KiB stay whole ("512 B")."""
+    return _scaled(n, 1024, ("B", "KiB", "MiB", "GiB", "TiB"), " ")
 
 
 def human_count(n: float) -> str:
-    for unit in ("", "K", "M", "B", "T"):
-        if abs(n) < 1000 or unit == "T":
-            return f"{n:.0f}" if unit == "" else f"{n:.2f}{unit}"
-        n /= 1000
-    return f"{n:.2f}T"
+    """1_500_000 -> "1.50M"; counts below 1000 stay whole."""
+    return _scaled(n, 1000, ("", "K", "M", "B", "T"), "")
+
+
+def _scaled(n: float, step: int, units: tuple[str, ...], sep: str) -> str:
+    for unit in units[:-1]:
+        if abs(n) < step:
+            break
+        n /= step
+    else:
+        unit = units[-1]
+    return f"{n:.0f}{sep}{unit}" if unit == units[0] else f"{n:.2f}{sep}{unit}"
 
 
 __all__ = ["ModelSummary", "human_bytes", "human_count", "pack_rows", "read_safetensors_header", "summarize",

@@ -47,7 +47,7 @@ def assert_one_line_error(output: str, exit_code: int, *needles: str) -> str:
 
 def cli_error(*args, **kw) -> str:
     r = runner.invoke(app, [str(a) for a in args], **kw)
-    return assert_one_line_error(r.output, r.exit_code, *[])
+    return assert_one_line_error(r.output, r.exit_code)
 
 
 def test_missing_config(model):
@@ -92,24 +92,17 @@ def test_truncated_header(model):
     assert str(path) in line
 
 
-def test_tensor_with_wrong_shape(model):
+@pytest.mark.parametrize("name, shape, expected, prompt", [
+    ("model.layers.1.self_attn.q_proj.weight", (16, 32), "[32, 32]", ("--prompt", "hi")),  # dense, at load
+    ("model.layers.0.block_sparse_moe.experts.3.w2.weight", (32, 40), "[32, 48]", ("--prompt-ids", "1,2")),  # an expert
+])
+def test_tensor_with_wrong_shape(model, name, shape, expected, prompt):
     path = model / "model.safetensors"
     tensors = load_file(path)
-    name = "model.layers.1.self_attn.q_proj.weight"
-    tensors[name] = torch.zeros(16, 32)
+    tensors[name] = torch.zeros(*shape)
     save_file(tensors, path, metadata={"format": "pt"})
-    line = cli_error("generate", model, "--prompt", "hi")
-    assert str(path) in line and name in line and "[16, 32]" in line and "[32, 32]" in line
-
-
-def test_expert_with_wrong_shape(model):
-    path = model / "model.safetensors"
-    tensors = load_file(path)
-    name = "model.layers.0.block_sparse_moe.experts.3.w2.weight"
-    tensors[name] = torch.zeros(32, 40)
-    save_file(tensors, path, metadata={"format": "pt"})
-    line = cli_error("generate", model, "--prompt-ids", "1,2")
-    assert str(path) in line and name in line
+    line = cli_error("generate", model, *prompt)
+    assert str(path) in line and name in line and str(list(shape)) in line and expected in line
 
 
 def test_no_tokenizer_with_text_prompt(model):

@@ -39,6 +39,9 @@ def case_id(case):
     return name + "".join(f"-g{v}" for v in params.values())
 
 
+SCHEME_CASES = [pytest.param(get_scheme(name, **params), id=case_id((name, params))) for name, params in CASES]
+
+
 def gaussian(out_f: int, in_f: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(seed))
 
@@ -66,10 +69,8 @@ def test_unknown_scheme_and_params_are_clear_errors():
         get_scheme("ternary", scale_dtype="float8")
 
 
-@pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_params_rebuild_the_same_scheme(case):
-    name, params = case
-    s = get_scheme(name, **params)
+@pytest.mark.parametrize("s", SCHEME_CASES)
+def test_params_rebuild_the_same_scheme(s):
     stored = json.loads(json.dumps(s.params))  # what the manifest keeps
     assert get_scheme(s.name, **stored) == s
 
@@ -281,11 +282,9 @@ def test_all_zero_importance_falls_back_to_plain_rule():
 # kernels: linear equals dequantize-then-matmul
 
 
-@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("s", SCHEME_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_linear_equals_dequantize_then_matmul(case, dtype, monkeypatch):
-    name, params = case
-    s = get_scheme(name, **params)
+def test_linear_equals_dequantize_then_matmul(s, dtype, monkeypatch):
     w = gaussian(37, 200, seed=7)
     packed = s.quantize(w)
     x = torch.randn(5, 200).to(dtype)
@@ -344,10 +343,8 @@ def test_ternary_packs_five_codes_per_byte():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_cuda_linear_matches_cpu_reference(case):
-    name, params = case
-    s = get_scheme(name, **params)
+@pytest.mark.parametrize("s", SCHEME_CASES)
+def test_cuda_linear_matches_cpu_reference(s):
     w = gaussian(300, 1000, seed=9)
     packed = s.quantize(w)
     ref = F.linear(torch.randn(4, 1000, generator=torch.Generator().manual_seed(1)), s.dequantize(packed, w.shape))
@@ -381,10 +378,8 @@ def test_fused_triton_gemv_matches_reference(name, g, in_f, dtype, monkeypatch):
     assert out2.shape == (1, 517)
 
 
-@pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_kernel_expand_is_bit_identical_to_reference(case):
-    name, params = case
-    s = get_scheme(name, **params)
+@pytest.mark.parametrize("s", SCHEME_CASES)
+def test_kernel_expand_is_bit_identical_to_reference(s):
     for shape in [(5, 1), (7, 130), (3, 257)]:
         w = gaussian(*shape, seed=11)
         w[0] = 0
@@ -392,10 +387,8 @@ def test_kernel_expand_is_bit_identical_to_reference(case):
         assert torch.equal(s._expand(packed, shape), s.dequantize(packed, shape))
 
 
-@pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_quantize_in_row_blocks_equals_one_shot(case, monkeypatch):
-    name, params = case
-    s = get_scheme(name, **params)
+@pytest.mark.parametrize("s", SCHEME_CASES)
+def test_quantize_in_row_blocks_equals_one_shot(s, monkeypatch):
     w = gaussian(23, 130, seed=12)
     imp = torch.rand(130, generator=torch.Generator().manual_seed(13))
     whole = s.quantize(w, importance=imp)
@@ -413,11 +406,9 @@ def test_bf16_weights_quantize_from_a_memory_view():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_quantize_on_cuda_matches_cpu(case):
+@pytest.mark.parametrize("s", SCHEME_CASES)
+def test_quantize_on_cuda_matches_cpu(s):
     """Quantizing a CUDA weight runs there and returns CPU tensors equal (up to ties) to the CPU's."""
-    name, params = case
-    s = get_scheme(name, **params)
     w = gaussian(64, 300, seed=15)
     imp = torch.rand(300, generator=torch.Generator().manual_seed(16))
     cpu = s.quantize(w, importance=imp)
@@ -428,12 +419,10 @@ def test_quantize_on_cuda_matches_cpu(case):
     assert abs(rel_err(d_gpu, w) - rel_err(d_cpu, w)) < 1e-3
 
 
-@pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_packed_weight_over_views_of_one_byte_buffer(case):
+@pytest.mark.parametrize("s", SCHEME_CASES)
+def test_packed_weight_over_views_of_one_byte_buffer(s):
     """What the pack reader does: lay the tensors out back to back (16-byte aligned) in one uint8
     buffer per tensor_specs, view them back, and compute from the views."""
-    name, params = case
-    s = get_scheme(name, **params)
     shape = (24, 201)
     w = gaussian(*shape, seed=17)
     packed = s.quantize(w)

@@ -35,7 +35,8 @@ def quantize_cmd(
     revision: Annotated[Optional[str], typer.Option("--revision", help="Hub revision of SRC.")] = None,
 ) -> None:
     """Quantize a checkpoint's routed experts into a memory-mapped pack (streamed, verified, atomic)."""
-    from moe_local.quant.quantize import human, quantize
+    from moe_local.inspect import human_bytes
+    from moe_local.quant.quantize import quantize
     from moe_local.quant.recipes import build_recipe
 
     recipe = build_recipe(scheme, group_size, keep, layers, dense)
@@ -44,11 +45,11 @@ def quantize_cmd(
     if dry_run:
         return
     err.print(
-        f"wrote {result.out}: {human(result.pack_bytes)}, routed experts at {result.expert_bits_per_weight:.3f} bits/weight\n"
-        f"read {human(result.source_bytes)} of source tensors in {result.seconds:.2f} s "
+        f"wrote {result.out}: {human_bytes(result.pack_bytes)}, routed experts at {result.expert_bits_per_weight:.3f} bits/weight\n"
+        f"read {human_bytes(result.source_bytes)} of source tensors in {result.seconds:.2f} s "
         f"({result.gbps:.3f} GB/s); total {result.total_seconds:.2f} s incl. verification; "
-        f"peak RSS {human(result.peak_rss)} (at start {human(result.rss_before)}; "
-        f"peak private memory while streaming {human(result.peak_anon)}, the rest is the source's page cache)"
+        f"peak RSS {human_bytes(result.peak_rss)} (at start {human_bytes(result.rss_before)}; "
+        f"peak private memory while streaming {human_bytes(result.peak_anon)}, the rest is the source's page cache)"
     )
 
 

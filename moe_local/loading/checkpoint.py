@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from safetensors import safe_open
@@ -36,6 +35,12 @@ def read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise CheckpointError("must hold a JSON object", path)
     return data
+
+
+def check_shape(name: str, got: tuple[int, ...], want: tuple[int, ...], path: Path) -> None:
+    """A stored tensor must have the shape config.json implies; say which file holds the wrong one."""
+    if tuple(got) != tuple(want):
+        raise CheckpointError(f"tensor {name!r} has shape {list(got)}, config.json implies {list(want)}", path)
 
 
 class Checkpoint:
@@ -109,9 +114,6 @@ class Checkpoint:
         parse. Streaming readers (quantize) call this between layers to keep memory flat."""
         self._handles.clear()
 
-    def iter_names(self, prefix: str = "") -> Iterator[str]:
-        return (n for n in self.names() if n.startswith(prefix))
-
     def get(self, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
         """Return one tensor (dequantized if stored as FP8 with block scales).
 
@@ -127,10 +129,8 @@ class Checkpoint:
         scale_name = name + "_scale_inv"
         if tensor.dtype == getattr(torch, "float8_e4m3fn", None) and scale_name in self:
             tensor = dequantize_fp8_blocks(tensor, self.get(scale_name))
-        if shape is not None and tuple(tensor.shape) != tuple(shape):
-            raise CheckpointError(
-                f"tensor {name!r} has shape {list(tensor.shape)}, config.json implies {list(shape)}", path
-            )
+        if shape is not None:
+            check_shape(name, tuple(tensor.shape), shape, path)
         return tensor
 
     def get_expert_slice(self, name: str, index: int) -> torch.Tensor:
@@ -138,13 +138,6 @@ class Checkpoint:
         path = self.file_of(name)
         sl = self._open(path).get_slice(name)
         return sl[index : index + 1][0]
-
-    def file(self, name: str) -> Path:
-        return self.root / name
-
-    def read_optional_json(self, name: str) -> dict | None:
-        path = self.root / name
-        return read_json(path) if path.is_file() else None
 
 
 def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block: int = FP8_BLOCK) -> torch.Tensor:

@@ -12,9 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from moe_local.errors import CheckpointError
 from moe_local.experts import ExpertWeights
-from moe_local.loading.checkpoint import Checkpoint
+from moe_local.loading.checkpoint import Checkpoint, check_shape
 
 
 @dataclass(frozen=True)
@@ -60,11 +59,7 @@ class CheckpointExperts:
         if self.is_fused(layer):
             gu_name, down_name = f"{prefix}.gate_up_proj", f"{prefix}.down_proj"
             for name, shape in ((gu_name, (E, 2 * I, H)), (down_name, (E, H, I))):
-                if self.ckpt.shape(name) != shape:
-                    raise CheckpointError(
-                        f"tensor {name!r} has shape {list(self.ckpt.shape(name))}, config.json implies {list(shape)}",
-                        self.ckpt.file_of(name),
-                    )
+                check_shape(name, self.ckpt.shape(name), shape, self.ckpt.file_of(name))
             gate_up = self.ckpt.get_expert_slice(gu_name, expert)
             return ExpertWeights(gate_up[:I], gate_up[I:], self.ckpt.get_expert_slice(down_name, expert))
         g, u, d = (f"{prefix}.{expert}.{n}.weight" for n in self.layout.names)

@@ -59,7 +59,10 @@ def _download(repo_id: str, revision: str | None) -> Path:
 
     try:
         local = snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILE_PATTERNS)
-    except LocalEntryNotFoundError:
+    except LocalEntryNotFoundError as exc:
+        if hasattr(exc, "snapshot_path"):  # IncompleteSnapshotError (recent huggingface-hub): an interrupted download
+            raise CheckpointError(f"cached snapshot {exc.snapshot_path} is incomplete{_missing(exc)} and the hub "
+                                  "cannot be reached; finish the download with network access", repo_id) from None
         raise CheckpointError(
             "not in the local Hugging Face cache and the hub cannot be reached "
             "(offline: HF_HUB_OFFLINE is set or there is no network); download it first or pass a folder",
@@ -72,3 +75,9 @@ def _download(repo_id: str, revision: str | None) -> Path:
     except (HfHubHTTPError, OSError) as exc:
         raise CheckpointError(f"download failed: {exc}", repo_id) from None
     return Path(local)
+
+
+def _missing(exc: Exception) -> str:
+    """The files huggingface-hub names as missing, from its message (it offers no attribute for them)."""
+    found = re.search(r"missing \(([^)]*)\)", str(exc))
+    return f" (missing {found[1]})" if found else ""

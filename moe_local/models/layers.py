@@ -148,8 +148,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
-def attention_mask(start: int, length: int, device: torch.device, window: int | None = None) -> torch.Tensor:
-    """Boolean [length, start+length]: query i (at position start+i) may see key j."""
+def attention_mask(start: int, length: int, device: torch.device, window: int | None = None) -> torch.Tensor | None:
+    """Boolean [length, start+length]: query i (at position start+i) may see key j.
+
+    None when every key is visible: a decode step (one query, the last position) inside its window.
+    That is every generated token, so it skips building and applying a mask that changes nothing."""
+    if length == 1 and (window is None or start < window):
+        return None
     q = torch.arange(start, start + length, device=device)[:, None]
     k = torch.arange(start + length, device=device)[None, :]
     mask = k <= q
@@ -158,10 +163,14 @@ def attention_mask(start: int, length: int, device: torch.device, window: int | 
     return mask
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+def apply_mask(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Hidden keys get the dtype's minimum score (as the reference does, not -inf); None hides nothing."""
+    return scores if mask is None else scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
     """Eager softmax attention, softmax in float32 like the reference. q: [h, T, d]; k, v: [h, S, d]."""
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    scores = apply_mask(torch.matmul(q, k.transpose(-1, -2)) * scale, mask)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     return torch.matmul(probs, v)
 

@@ -27,7 +27,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moe_local.models.layers import RMSNorm, RopeConfig, apply_rope, attend, attention_mask, yarn_get_mscale
+from moe_local.models.layers import (
+    RMSNorm, RopeConfig, apply_mask, apply_rope, attend, attention_mask, yarn_get_mscale,
+)
 
 
 @dataclass
@@ -180,8 +182,7 @@ class MLAttention(nn.Module):
         """Attention in latent space: scores = (q_nope W_uk) c^T + q_pe k_pe^T; out = (p c) W_uv^T."""
         w_uk, w_uv = self._kv_b()
         q_lat = torch.matmul(q_nope, w_uk)  # [H, T, L]
-        scores = (torch.matmul(q_lat, latent.t()) + torch.matmul(q_pe, k_pe.t())) * self.scale
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        scores = apply_mask((torch.matmul(q_lat, latent.t()) + torch.matmul(q_pe, k_pe.t())) * self.scale, mask)
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q_nope.dtype)
         out_lat = torch.matmul(probs, latent)  # [H, T, L]
         return torch.matmul(out_lat, w_uv.transpose(-1, -2))  # [H, T, v]

@@ -98,37 +98,31 @@ if HAVE_TRITON:
         tl.store(out_ptr + rows, acc, mask=rmask)
 
 
-def _launch_shape(n: int) -> tuple[int, int]:
-    return 32, 128  # BLOCK_N, BLOCK_KB: simple defaults, see benchmarks/quant_kernels.py
+# Rows per program and code bytes per step: simple defaults, see benchmarks/quant_kernels.py.
+BLOCK_N, BLOCK_KB = 32, 128
+
+
+def _gemv(kernel, x: torch.Tensor, packed: tuple[torch.Tensor, ...], shape: tuple[int, int],
+          group_size: int) -> torch.Tensor:
+    """Run one of the kernels above: `packed` = (codes, scales[, zeros]) in the kernel's order."""
+    n, k = shape
+    codes, scales = packed[0], packed[1]
+    out = torch.empty(n, device=x.device, dtype=torch.float32)
+    kernel[(triton.cdiv(n, BLOCK_N),)](
+        x.reshape(-1).contiguous(), *(t.contiguous() for t in packed), out,
+        n, k, codes.shape[-1], scales.shape[-1],
+        GROUP=group_size, BLOCK_N=BLOCK_N, BLOCK_KB=BLOCK_KB,
+    )
+    return out.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
 def int4_gemv(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
               shape: tuple[int, int], group_size: int) -> torch.Tensor:
     """x [in] (or [1, in]) -> [out] (same leading dims), int4 codes expanded in registers."""
-    n, k = shape
-    xf = x.reshape(-1).contiguous()
-    out = torch.empty(n, device=x.device, dtype=torch.float32)
-    block_n, block_kb = _launch_shape(n)
-    grid = (triton.cdiv(n, block_n),)
-    _int4_gemv_kernel[grid](
-        xf, codes.contiguous(), scales.contiguous(), zeros.contiguous(), out,
-        n, k, codes.shape[-1], scales.shape[-1],
-        GROUP=group_size, BLOCK_N=block_n, BLOCK_KB=block_kb,
-    )
-    return out.to(x.dtype).reshape(*x.shape[:-1], n)
+    return _gemv(_int4_gemv_kernel, x, (codes, scales, zeros), shape, group_size)
 
 
 def ternary_gemv(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
                  shape: tuple[int, int], group_size: int) -> torch.Tensor:
     """x [in] (or [1, in]) -> [out], ternary codes (five per byte) expanded in registers."""
-    n, k = shape
-    xf = x.reshape(-1).contiguous()
-    out = torch.empty(n, device=x.device, dtype=torch.float32)
-    block_n, block_kb = _launch_shape(n)
-    grid = (triton.cdiv(n, block_n),)
-    _ternary_gemv_kernel[grid](
-        xf, codes.contiguous(), scales.contiguous(), out,
-        n, k, codes.shape[-1], scales.shape[-1],
-        GROUP=group_size, BLOCK_N=block_n, BLOCK_KB=block_kb,
-    )
-    return out.to(x.dtype).reshape(*x.shape[:-1], n)
+    return _gemv(_ternary_gemv_kernel, x, (codes, scales), shape, group_size)

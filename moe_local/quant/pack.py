@@ -28,14 +28,14 @@ import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from safetensors import safe_open
 
 from moe_local.errors import CheckpointError
 from moe_local.experts import ExpertWeights
-from moe_local.loading.checkpoint import read_json
+from moe_local.loading.checkpoint import check_shape, read_json
 
 FORMAT = "moe-local-pack"
 VERSION = 1
@@ -278,9 +278,12 @@ def read_st_header(path: Path) -> tuple[int, dict]:
     if len(text) < n:
         raise CheckpointError("safetensors header is cut short; is the file truncated?", path)
     try:
-        return 8 + n, json.loads(text)
-    except json.JSONDecodeError as exc:
+        header = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"safetensors header is not valid JSON ({exc})", path) from None
+    if not isinstance(header, dict):
+        raise CheckpointError("safetensors header is not a JSON object; the file is corrupt", path)
+    return 8 + n, header
 
 
 # --------------------------------------------------------------------------- reading
@@ -423,9 +426,6 @@ class Pack:
     def __contains__(self, name: str) -> bool:
         return name in self._name_set
 
-    def iter_names(self, prefix: str = "") -> Iterator[str]:
-        return (n for n in self._names if n.startswith(prefix))
-
     def file_of(self, name: str) -> Path:
         if name not in self._name_set:
             raise CheckpointError(f"tensor {name!r} not found in the pack", self.root)
@@ -447,18 +447,9 @@ class Pack:
             tensor = scheme.dequantize(packed, tuple(q["shape"]))
         else:
             tensor = self._dense.get_tensor(name)
-        if shape is not None and tuple(tensor.shape) != tuple(shape):
-            raise CheckpointError(
-                f"tensor {name!r} has shape {list(tensor.shape)}, config.json implies {list(shape)}", self.dense_path
-            )
+        if shape is not None:
+            check_shape(name, tuple(tensor.shape), shape, self.dense_path)
         return tensor
-
-    def file(self, name: str) -> Path:
-        return self.root / name
-
-    def read_optional_json(self, name: str) -> dict | None:
-        path = self.root / name
-        return read_json(path) if path.is_file() else None
 
     # ----------------------------------------------------------------- expert API
     def expert_range(self, layer: int, expert: int) -> ExpertRange:
@@ -573,7 +564,3 @@ class Pack:
             "expert_bits_per_weight": 8 * packed / max(weights, 1),
             "pack_bytes": sum(p.stat().st_size for p in files) + self.manifest_path.stat().st_size,
         }
-
-
-def open_pack(root: str | Path) -> Pack:
-    return Pack(root)

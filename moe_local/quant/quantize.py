@@ -32,6 +32,7 @@ from rich.table import Table
 
 from moe_local import __version__
 from moe_local.errors import CheckpointError, MoeLocalError
+from moe_local.inspect import human_bytes, layer_ranges
 from moe_local.loading.checkpoint import Checkpoint
 from moe_local.loading.hf_experts import CheckpointExperts
 from moe_local.loading.hub import resolve_model_dir
@@ -144,7 +145,7 @@ def make_plan(src: Path, recipe: Recipe, shard_bytes: int = SHARD_BYTES) -> Plan
     for first, last, spec in recipe.layers:
         if not any(first <= l <= last for l in moe_layers):
             raise MoeLocalError(
-                f"--layers {first}-{last}={spec.label()} matches no MoE layer (MoE layers: {_ranges(moe_layers)})")
+                f"--layers {first}-{last}={spec.label()} matches no MoE layer (MoE layers: {layer_ranges(moe_layers, sep=',')})")
 
     # expert shards: one aligned range per expert, never split across files
     files: list[SafetensorsPlan] = [SafetensorsPlan()]
@@ -202,27 +203,6 @@ def make_plan(src: Path, recipe: Recipe, shard_bytes: int = SHARD_BYTES) -> Plan
 
 
 # --------------------------------------------------------------------------- size plan table
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-def _ranges(layers: list[int]) -> str:
-    out, start, prev = [], None, None
-    for l in layers + [None]:
-        if start is None:
-            start = prev = l
-        elif l is not None and l == prev + 1:
-            prev = l
-        else:
-            out.append(f"{start}" if start == prev else f"{start}-{prev}")
-            start = prev = l
-    return ",".join(x for x in out if x != "None")
-
-
 def plan_table(plan: Plan) -> Table:
     """Per tensor group: layers, projection, scheme, bits/weight (scales included), bytes per expert."""
     table = Table(title=f"size plan: {plan.src} -> recipe {plan.recipe.name}", show_lines=False)
@@ -236,11 +216,11 @@ def plan_table(plan: Plan) -> Table:
             key = (proj, plan.specs[(layer, proj)].label(), p.shape, p.packed_nbytes())
             groups.setdefault(key, []).append(layer)
     for (proj, label, shape, nbytes), layers in groups.items():
-        table.add_row(_ranges(layers), proj, label, "x".join(map(str, shape)),
+        table.add_row(layer_ranges(layers, sep=","), proj, label, "x".join(map(str, shape)),
                       f"{8 * nbytes / numel(shape):.3f}", f"{nbytes:,}")
     for key, layout in plan.layouts.items():
         layers = [l for l in plan.moe_layers if plan.layout_of[l] == key]
-        table.add_row(_ranges(layers), "[bold]expert range", "", "", f"{8 * layout.packed_nbytes() / layout.weights():.3f}",
+        table.add_row(layer_ranges(layers, sep=","), "[bold]expert range", "", "", f"{8 * layout.packed_nbytes() / layout.weights():.3f}",
                       f"[bold]{layout.nbytes:,}")
     return table
 
@@ -264,10 +244,10 @@ def print_plan(plan: Plan, console: Console) -> None:
     console.print(plan_table(plan))
     s = plan_summary(plan)
     console.print(
-        f"routed experts: {s['experts']} in {s['expert_files']} file(s), {human(s['expert_bytes'])} "
+        f"routed experts: {s['experts']} in {s['expert_files']} file(s), {human_bytes(s['expert_bytes'])} "
         f"at {s['expert_bits_per_weight']:.3f} bits/weight (scales included)\n"
-        f"non-expert weights ({s['dense_scheme']}): {human(s['dense_bytes'])}\n"
-        f"pack total: {human(s['pack_bytes'])}  (source tensors: {human(s['source_bytes'])}, "
+        f"non-expert weights ({s['dense_scheme']}): {human_bytes(s['dense_bytes'])}\n"
+        f"pack total: {human_bytes(s['pack_bytes'])}  (source tensors: {human_bytes(s['source_bytes'])}, "
         f"{s['pack_bytes'] / max(s['source_bytes'], 1):.1%})"
     )
 

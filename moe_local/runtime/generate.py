@@ -227,9 +227,11 @@ class Generator:
     def _forward(self, ids: list[int], start: int, phase: str) -> torch.Tensor:
         if self.on_step is not None:
             self.on_step(StepInfo(phase, start, len(ids)))
+        # Positions >= start are overwritten (or left stale if the forward fails): forget them first.
+        del self._cached[start:]
         tokens = torch.tensor(ids, dtype=torch.long, device=self.lm.device)
         logits = self.model(tokens, start, last_only=True)
-        self._cached = self._cached[:start] + ids
+        self._cached += ids  # in place: a decode step must not copy the whole history
         return logits[-1]
 
     def _run(self, stream: GenerationStream, prompt: list[int], options: GenerateOptions,
@@ -245,7 +247,6 @@ class Generator:
         try:
             self.reserve(len(prompt) + options.max_tokens)
             start = self._common_prefix(prompt)
-            self._cached = self._cached[:start]
             logits = self._forward(prompt[start:], start, "prefill")
             timings.prefill_s = now(dev) - t0
             max_new = min(options.max_tokens, self.context_length - len(prompt))

@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import torch
 
+from moe_local.errors import CheckpointError, ConfigError, MoeLocalError
 from moe_local.experts import ExpertProvider, ExpertSource, ResidentExperts
 from moe_local.loading.checkpoint import Checkpoint
 from moe_local.loading.hf_experts import CheckpointExperts
@@ -38,8 +39,6 @@ def resolve_device(name: str | None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        from moe_local.errors import MoeLocalError
-
         raise MoeLocalError("--device cuda asked for, but torch sees no CUDA device")
     return device
 
@@ -70,8 +69,6 @@ def expert_source_for(weights, model: CausalLM) -> ExpertSource:
     a = model.args
     if isinstance(weights, Pack):
         if list(weights.moe_layers) != list(a.moe_layers) or weights.num_experts != a.num_experts:
-            from moe_local.errors import CheckpointError
-
             raise CheckpointError(
                 f"pack holds experts of layers {weights.moe_layers} x {weights.num_experts}, config.json implies "
                 f"layers {a.moe_layers} x {a.num_experts}", weights.manifest_path)
@@ -82,8 +79,6 @@ def expert_source_for(weights, model: CausalLM) -> ExpertSource:
 
 def build_model_for(config: dict, root: Path) -> CausalLM:
     """build_model, with config errors naming the config.json they came from."""
-    from moe_local.errors import ConfigError
-
     try:
         return build_model(config)
     except ConfigError as exc:

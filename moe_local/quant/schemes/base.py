@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_local.errors import MoeLocalError
+from moe_local.quant.schemes.bits import unpack_nibbles
 
 TensorSpecs = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
@@ -157,6 +158,68 @@ class Scheme:
         return hash((self.name, tuple(sorted(self.params.items()))))
 
 
+class GroupedScheme(Scheme):
+    """Codes packed along the input dimension, several per byte, and one scale per group of
+    `group_size` input channels (int4, nf4, the ternary schemes); subclasses say how many bytes
+    n codes take, how to unpack them and what a code is worth."""
+
+    defaults: ClassVar[dict[str, Any]] = {"group_size": 64, "scale_dtype": "bfloat16"}
+
+    def code_bytes(self, n: int) -> int:
+        """Bytes that hold n codes."""
+        raise NotImplementedError
+
+    def unpack_codes(self, packed: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
+        """[out, n_groups * g] integer codes (padding included): the reference unpack."""
+        raise NotImplementedError
+
+    def code_values(self, q: torch.Tensor, packed: dict[str, torch.Tensor]) -> torch.Tensor:
+        """float32 [out, n_groups, g]: what the codes `q` (grouped unpack_codes) are worth before
+        their group's scale multiplies them."""
+        raise NotImplementedError
+
+    def dequantize(self, packed: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
+        out_f, in_f = shape
+        q = self.unpack_codes(packed, shape).reshape(out_f, -1, self.group_size_for(in_f))
+        s = packed["scales"].reshape(out_f, -1, 1).float()
+        return (self.code_values(q, packed) * s).reshape(out_f, -1)[:, :in_f]
+
+    def _validate(self) -> None:
+        check_group_size(self.name, self.params["group_size"], multiple_of=self.group_multiple)
+        self.scale_dtype = check_scale_dtype(self.name, self.params["scale_dtype"])
+
+    def tensor_specs(self, shape: tuple[int, int]) -> TensorSpecs:
+        out_f, in_f = int(shape[0]), int(shape[1])
+        g = self.group_size_for(in_f)
+        ng = n_groups(in_f, g)
+        return {"codes": ((out_f, self.code_bytes(ng * g)), torch.uint8), "scales": ((out_f, ng), self.scale_dtype)}
+
+    def _codes(self, packed: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
+        """uint8 [out, bytes] codes, trimmed to this layout's row width.
+
+        Packs written before `group_size_for` padded a row narrower than `group_size` to a full
+        group; their one scale per row is the same and the real codes are a prefix of the row,
+        so trimming decodes them exactly (a no-op view for current layouts)."""
+        out_f, in_f = int(shape[0]), int(shape[1])
+        g = self.group_size_for(in_f)
+        codes = packed["codes"].reshape(out_f, -1)
+        nb = self.code_bytes(n_groups(in_f, g) * g)
+        return codes if codes.shape[1] == nb else codes[:, :nb]
+
+
+class NibbleScheme(GroupedScheme):
+    """4-bit codes, two per byte (int4, nf4)."""
+
+    group_multiple: ClassVar[int] = 2  # a group never splits a byte
+
+    def code_bytes(self, n: int) -> int:
+        return n // 2
+
+    def unpack_codes(self, packed: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
+        """uint8 [out, n_groups * g] codes in 0..15 (padding included): the reference unpack."""
+        return unpack_nibbles(self._codes(packed, shape))
+
+
 # ---------------------------------------------------------------------------------------------
 # helpers used by the schemes
 
@@ -210,17 +273,6 @@ def grouped(w: torch.Tensor, g: int) -> torch.Tensor:
     if ng * g != in_f:
         w = F.pad(w, (0, ng * g - in_f))
     return w.reshape(out_f, ng, g)
-
-
-def nibble_codes(codes: torch.Tensor, shape: tuple[int, int], g: int) -> torch.Tensor:
-    """uint8 [out, n_groups * g / 2] nibble codes of a weight of `shape`, trimmed to that width.
-
-    A layout written before `Scheme.group_size_for` padded a row narrower than `group_size` to a
-    full group (still one group, one scale per row): its real codes are the row's prefix."""
-    out_f, in_f = int(shape[0]), int(shape[1])
-    codes = codes.reshape(out_f, -1)
-    nb = n_groups(in_f, g) * g // 2
-    return codes if codes.shape[1] == nb else codes[:, :nb]
 
 
 def group_counts(in_f: int, g: int, device: torch.device | str = "cpu") -> torch.Tensor:

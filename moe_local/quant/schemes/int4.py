@@ -14,34 +14,19 @@ import torch
 
 from moe_local.quant import kernels_torch, kernels_triton
 from moe_local.quant.schemes import base
-from moe_local.quant.schemes.base import (
-    Scheme, TensorSpecs, check_group_size, check_scale_dtype, grouped, n_groups, nibble_codes,
-    safe_div, store_scales,
-)
-from moe_local.quant.schemes.bits import pack_nibbles, unpack_nibbles
+from moe_local.quant.schemes.base import NibbleScheme, TensorSpecs, grouped, safe_div, store_scales
+from moe_local.quant.schemes.bits import pack_nibbles
 
 
-class Int4(Scheme):
+class Int4(NibbleScheme):
     name = "int4"
-    defaults = {"group_size": 64, "scale_dtype": "bfloat16"}
     # |dequantized| <= |w| + scale / 2 and scale <= 2 * absmax / 15: only the scale's own overflow
     # matters, so the clamp in store_scales uses half the code range.
     qmax = 7.5
-    group_multiple = 2  # two codes per byte: a group never splits a byte
-
-    def _validate(self) -> None:
-        check_group_size(self.name, self.params["group_size"], multiple_of=2)
-        self.scale_dtype = check_scale_dtype(self.name, self.params["scale_dtype"])
 
     def tensor_specs(self, shape: tuple[int, int]) -> TensorSpecs:
-        out_f, in_f = int(shape[0]), int(shape[1])
-        g = self.group_size_for(in_f)
-        ng = n_groups(in_f, g)
-        return {
-            "codes": ((out_f, ng * g // 2), torch.uint8),
-            "scales": ((out_f, ng), self.scale_dtype),
-            "zeros": ((out_f, ng), torch.uint8),
-        }
+        specs = super().tensor_specs(shape)
+        return {**specs, "zeros": (specs["scales"][0], torch.uint8)}  # one uint8 zero point per scale
 
     def _quantize_rows(self, w: torch.Tensor, imp: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """importance is ignored (a min/max grid has nothing to weigh)."""
@@ -62,28 +47,14 @@ class Int4(Scheme):
             "zeros": zeros.to(torch.uint8).contiguous(),
         }
 
-    def _codes(self, packed: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
-        """uint8 [out, bytes] codes trimmed to this layout's row width (see Ternary._codes: packs
-        written before `group_size_for` padded narrow rows to a full group; a no-op view now)."""
-        return nibble_codes(packed["codes"], shape, self.group_size_for(int(shape[1])))
-
-    def unpack_codes(self, packed: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
-        """uint8 [out, n_groups * g] codes in 0..15 (padding included): the reference unpack."""
-        return unpack_nibbles(self._codes(packed, shape))
-
     def _expand(self, packed: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
         return kernels_torch.expand_int4(
             self._codes(packed, shape), packed["scales"], packed["zeros"], shape[0], shape[1],
             self.group_size_for(shape[1]),
         )
 
-    def dequantize(self, packed: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
-        out_f, in_f = shape
-        g = self.group_size_for(in_f)
-        q = self.unpack_codes(packed, shape).reshape(out_f, -1, g).float()
-        z = packed["zeros"].reshape(out_f, -1, 1).float()
-        s = packed["scales"].reshape(out_f, -1, 1).float()
-        return ((q - z) * s).reshape(out_f, -1)[:, :in_f]
+    def code_values(self, q: torch.Tensor, packed: dict[str, torch.Tensor]) -> torch.Tensor:
+        return q.float() - packed["zeros"].reshape(*q.shape[:2], 1).float()
 
     def linear(self, x: torch.Tensor, packed: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
         """Batch-1 CUDA decode may take the fused Triton GEMV (opt-in, see kernels_triton)."""

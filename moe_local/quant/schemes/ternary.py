@@ -23,10 +23,7 @@ from __future__ import annotations
 import torch
 
 from moe_local.quant import kernels_torch, kernels_triton
-from moe_local.quant.schemes.base import (
-    Scheme, TensorSpecs, check_group_size, check_scale_dtype, group_counts,
-    grouped, n_groups, safe_div, store_scales,
-)
+from moe_local.quant.schemes.base import GroupedScheme, group_counts, grouped, n_groups, safe_div, store_scales
 from moe_local.quant.schemes.bits import pack_trits, trit_bytes, unpack_trits
 
 
@@ -37,31 +34,12 @@ def _pow2_normalise(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return a * factor[..., None], torch.exp2(e.double())
 
 
-class _TernaryBase(Scheme):
+class _TernaryBase(GroupedScheme):
     defaults = {"group_size": 128, "scale_dtype": "bfloat16"}
     qmax = 1.0
 
-    def _validate(self) -> None:
-        check_group_size(self.name, self.params["group_size"])
-        self.scale_dtype = check_scale_dtype(self.name, self.params["scale_dtype"])
-
-    def tensor_specs(self, shape: tuple[int, int]) -> TensorSpecs:
-        out_f, in_f = int(shape[0]), int(shape[1])
-        g = self.group_size_for(in_f)
-        ng = n_groups(in_f, g)
-        return {"codes": ((out_f, trit_bytes(ng * g)), torch.uint8), "scales": ((out_f, ng), self.scale_dtype)}
-
-    def _codes(self, packed: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
-        """uint8 [out, bytes] codes, trimmed to this layout's row width.
-
-        Packs written before `group_size_for` padded a row narrower than `group_size` to a full
-        group; their one scale per row is the same and the real codes are a prefix of the row,
-        so trimming decodes them exactly (a no-op view for current layouts)."""
-        out_f, in_f = int(shape[0]), int(shape[1])
-        g = self.group_size_for(in_f)
-        codes = packed["codes"].reshape(out_f, -1)
-        nb = trit_bytes(n_groups(in_f, g) * g)
-        return codes if codes.shape[1] == nb else codes[:, :nb]
+    def code_bytes(self, n: int) -> int:
+        return trit_bytes(n)
 
     def unpack_codes(self, packed: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
         """int8 [out, n_groups * g] codes in {-1, 0, 1} (padding included): the reference unpack."""
@@ -74,12 +52,8 @@ class _TernaryBase(Scheme):
             self._codes(packed, shape), packed["scales"], shape[0], shape[1], self.group_size_for(shape[1])
         )
 
-    def dequantize(self, packed: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
-        out_f, in_f = shape
-        g = self.group_size_for(in_f)
-        q = self.unpack_codes(packed, shape).reshape(out_f, -1, g).float()
-        s = packed["scales"].reshape(out_f, -1, 1).float()
-        return (q * s).reshape(out_f, -1)[:, :in_f]
+    def code_values(self, q: torch.Tensor, packed: dict[str, torch.Tensor]) -> torch.Tensor:
+        return q.float()
 
     def linear(self, x: torch.Tensor, packed: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
         """Batch-1 CUDA decode may take the fused Triton GEMV (opt-in, see kernels_triton)."""
