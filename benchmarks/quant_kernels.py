@@ -101,7 +101,7 @@ def main() -> None:
         linear_s, linear_med = timeit(lambda: scheme.linear(x, packed, shape), device, args.repeat)
         deq_s, deq_med = timeit(lambda: F.linear(x, scheme.dequantize(packed, shape).to(dtype)), device, args.repeat)
         fused_s = None
-        if kernels_triton.available(x) and name in ("int4", "ternary"):
+        if device.type == "cuda" and kernels_triton.available(x) and name in ("int4", "ternary"):  # not the interpreter
             g = scheme.group_size_for(shape[1])  # narrow rows use a smaller group
             if name == "int4":
                 fn = lambda: kernels_triton.int4_gemv(x, packed["codes"], packed["scales"], packed["zeros"], shape, g)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import itertools
-import math
 import json
+import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -376,6 +379,155 @@ def test_fused_triton_gemv_matches_reference(name, g, in_f, dtype, monkeypatch):
     torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol * float(ref.abs().max()))
     out2 = s.linear(x[None], packed, w.shape)
     assert out2.shape == (1, 517)
+
+
+# The same kernels on the CPU through Triton's interpreter: their indexing, masking, grouping and
+# unpacking are checked on every machine that has Triton, GPU or not. CI installs no Triton, so
+# these skip there; run them with a Triton venv as
+#   TRITON_INTERPRET=1 python -m pytest -q tests/test_schemes.py -k interpreter
+INTERPRETER_CASES = [  # (scheme, group_size, (out, in)): odd out sizes, several programs and steps
+    ("int4", 32, (37, 200)),
+    ("int4", 64, (70, 333)),  # 167 code bytes per row: two BLOCK_KB steps, a ragged last group
+    ("int4", 128, (40, 1000)),
+    ("int4", 6, (33, 100)),  # odd group size
+    ("int4", 64, (33, 31)),  # narrow row: group clamped to 32 (even), one scale per row
+    ("int4", 128, (5, 64)),  # narrow row: group clamped to 64
+    ("ternary", 64, (37, 200)),
+    ("ternary", 128, (40, 1000)),  # 205 code bytes per row: two steps
+    ("ternary", 7, (33, 100)),  # groups that do not line up with the 5-code bytes
+    ("ternary", 128, (70, 64)),  # narrow row: group clamped to 64 (13 bytes, 65 code slots)
+    ("ternary", 128, (33, 37)),  # narrow row: group clamped to 37
+    ("ternary-absmean", 128, (37, 333)),
+]
+
+
+def interpreted_triton(monkeypatch):
+    """kernels_triton with the fused path switched on, and a list that records each fused call
+    (the real kernel still runs): skips unless Triton's CPU interpreter built the kernels."""
+    from moe_local.quant import kernels_triton
+
+    if not kernels_triton.HAVE_TRITON:
+        pytest.skip("triton is not installed (CI has none); run with Triton and TRITON_INTERPRET=1")
+    if not kernels_triton.INTERPRETED:
+        pytest.skip("TRITON_INTERPRET=1 was not set when kernels_triton was imported: kernels are CUDA-only")
+    monkeypatch.setenv(kernels_triton.ENV_FLAG, "1")
+    calls: list[tuple[int, int]] = []
+    real = kernels_triton._gemv
+
+    def recording(kernel, x, packed, shape, group_size):
+        calls.append(tuple(shape))
+        return real(kernel, x, packed, shape, group_size)
+
+    monkeypatch.setattr(kernels_triton, "_gemv", recording)
+    return kernels_triton, calls
+
+
+def junk_in_padding(name: str, packed: dict[str, torch.Tensor], in_f: int) -> dict[str, torch.Tensor]:
+    """The same weight with random codes in every slot that holds no weight (the tail of the last
+    group and, for ternary, of the last byte): dequantize ignores them, and so must a kernel."""
+    gen = torch.Generator().manual_seed(34)
+    if name.startswith("ternary"):
+        q = unpack_trits(packed["codes"])
+        q[:, in_f:] = torch.randint(-1, 2, q[:, in_f:].shape, dtype=torch.int8, generator=gen)
+        return {**packed, "codes": pack_trits(q)}
+    q = unpack_nibbles(packed["codes"])
+    q[:, in_f:] = torch.randint(0, 16, q[:, in_f:].shape, dtype=torch.uint8, generator=gen)
+    return {**packed, "codes": pack_nibbles(q)}
+
+
+@pytest.mark.parametrize("name,g,shape", INTERPRETER_CASES)
+def test_fused_triton_gemv_under_interpreter_matches_reference(name, g, shape, monkeypatch):
+    kt, calls = interpreted_triton(monkeypatch)
+    s = get_scheme(name, group_size=g)
+    w = gaussian(*shape, seed=27)
+    w[1] = 0  # an all-zero row: zero scales
+    packed = s.quantize(w)
+    d = s.dequantize(packed, shape)
+    packed = junk_in_padding(name, packed, shape[1])
+    assert torch.equal(s.dequantize(packed, shape), d)
+    # x is the head of a longer buffer: a kernel reading past in_f would pick up the 1e4s
+    x = torch.cat([torch.randn(shape[1], generator=torch.Generator().manual_seed(28)), torch.full((64,), 1e4)])
+    x = x[: shape[1]]
+    ref = F.linear(x, d)
+    assert kt.wanted(x, shape[1]) and kt.wanted(x[None], shape[1])
+
+    out = s.linear(x, packed, shape)
+    assert calls == [shape] and out.shape == (shape[0],) and out.dtype == torch.float32
+    assert rel_err(out, ref) < 1e-5
+    assert bool((out[1] == 0).all())
+    out2 = s.linear(x[None], packed, shape)  # [1, in] -> [1, out]
+    assert len(calls) == 2 and out2.shape == (1, shape[0])
+    assert rel_err(out2[0], ref) < 1e-5
+
+    xb = x.bfloat16()  # bf16 activations: float32 accumulation, one rounding of the result
+    outb = s.linear(xb, packed, shape)
+    assert len(calls) == 3 and outb.dtype == torch.bfloat16 and outb.shape == (shape[0],)
+    assert rel_err(outb.float(), F.linear(xb.float(), d)) < 5e-3
+
+    xs = torch.randn(3, shape[1], generator=torch.Generator().manual_seed(29))  # batch 3: torch path
+    torch.testing.assert_close(s.linear(xs, packed, shape), F.linear(xs, d), rtol=1e-5, atol=1e-5)
+    assert len(calls) == 3
+
+
+@pytest.mark.parametrize("name,g,in_f", [("int4", 128, 31), ("ternary", 128, 37), ("ternary", 128, 64)])
+def test_fused_triton_gemv_under_interpreter_reads_legacy_padded_rows(name, g, in_f, monkeypatch):
+    """Codes written padded to a full group (see test_narrow_rows_written_padded_still_decode):
+    the fused path reads only this layout's bytes of each row, whatever the pad holds."""
+    kt, calls = interpreted_triton(monkeypatch)
+    s = get_scheme(name, group_size=g)
+    shape = (41, in_f)
+    packed = s.quantize(gaussian(*shape, seed=30))
+    per_row = (-(-g // 5)) if name.startswith("ternary") else g // 2
+    junk = torch.randint(0, 243, (shape[0], per_row - packed["codes"].shape[1]), dtype=torch.uint8,
+                         generator=torch.Generator().manual_seed(31))
+    legacy = {**packed, "codes": torch.cat([packed["codes"], junk], dim=1)}
+    x = torch.randn(in_f, generator=torch.Generator().manual_seed(32))
+    out = s.linear(x, legacy, shape)
+    assert calls == [shape]
+    assert rel_err(out, F.linear(x, s.dequantize(packed, shape))) < 1e-5
+
+
+def test_fused_triton_gemv_stays_off_without_the_flag(monkeypatch):
+    kt, calls = interpreted_triton(monkeypatch)
+    monkeypatch.delenv(kt.ENV_FLAG)
+    s = get_scheme("int4")
+    packed = s.quantize(gaussian(8, 64, seed=33))
+    x = torch.randn(64)
+    assert not kt.wanted(x, 64)
+    torch.testing.assert_close(s.linear(x, packed, (8, 64)), F.linear(x, s.dequantize(packed, (8, 64))))
+    assert calls == []
+
+
+COMPILE_FOR_SM90 = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from moe_local.quant import kernels_triton as kt
+
+types = {"codes_ptr": "*u8", "zeros_ptr": "*u8", "out_ptr": "*fp32", "N": "i32", "K": "i32", "KB": "i32", "NG": "i32"}
+consts = {"GROUP": 64, "BLOCK_N": kt.BLOCK_N, "BLOCK_KB": kt.BLOCK_KB}
+for fn in (kt._int4_gemv_kernel, kt._ternary_gemv_kernel):
+    for x, scale in (("bf16", "bf16"), ("fp32", "fp16")):
+        t = {**types, "x_ptr": "*" + x, "scales_ptr": "*" + scale}
+        sig = {a: t.get(a, "constexpr") for a in fn.arg_names}
+        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32))
+        assert len(k.asm["cubin"]) > 0
+print("compiled")
+"""
+
+
+def test_fused_triton_gemv_compiles_for_cuda_without_a_gpu():
+    """Lower both kernels all the way to sm_90 cubins (Triton's own ptxas, no device needed):
+    catches type and lowering errors the CPU interpreter cannot see. In a fresh interpreter
+    without TRITON_INTERPRET: the interpreter patches triton.language for the whole process."""
+    from moe_local.quant import kernels_triton
+
+    if not kernels_triton.HAVE_TRITON:
+        pytest.skip("triton is not installed (CI has none)")
+    env = {k: v for k, v in os.environ.items() if k != kernels_triton.INTERPRET_FLAG}
+    done = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
 
 
 @pytest.mark.parametrize("s", SCHEME_CASES)

@@ -4,12 +4,21 @@ At batch 1 a projection is memory-bound: reading the packed codes once and expan
 registers moves several times fewer bytes than dequantize-then-matmul, which reads the codes, then
 writes and re-reads a 16- or 32-bit copy of the weight.
 
-STATUS: written without access to a GPU and NOT yet run. It is therefore opt-in:
-`MOE_LOCAL_FUSED_GEMV=1` routes batch-1 CUDA calls of `int4`/`ternary` here; everything else (and
-every CPU call) uses the torch reference path. Verify with `pytest -m gpu tests/test_schemes.py`
-and `python benchmarks/quant_kernels.py` on a CUDA machine before making it the default.
+STATUS: written without access to a GPU. Verified on the CPU only: under Triton 3.7.1's
+interpreter both kernels match `dequantize` + `F.linear` (float32 relative error ~2e-7; odd,
+narrow and legacy-padded rows, junk in the padding codes, bf16/fp16 activations), and both lower
+to sm_80/sm_90 cubins with no register spills (tests/test_schemes.py). Never yet run on a GPU,
+hence still opt-in: `MOE_LOCAL_FUSED_GEMV=1` routes batch-1 CUDA calls of `int4`/`ternary` here;
+everything else (and every normal CPU call) uses the torch reference path. Run
+`pytest -m gpu tests/test_schemes.py` and `python benchmarks/quant_kernels.py` on a CUDA machine
+before making it the default.
 
 Importing this module never fails: without Triton (or CUDA) `available()` is simply False.
+The one exception to "CUDA only" is Triton's CPU interpreter: when `TRITON_INTERPRET=1` was set
+before this module was imported, `triton.jit` builds interpreted kernels that run on CPU tensors,
+and `available()` accepts CPU tensors too, so the kernels' logic can be tested on a machine
+without a GPU (tests/test_schemes.py). A normal CPU run sets neither variable and never leaves the
+torch path.
 Both kernels accumulate in float32 and return x's dtype; they agree with
 `F.linear(x, dequantize(...).to(x.dtype))` to float tolerance, not bit for bit.
 """
@@ -29,15 +38,23 @@ except Exception:  # pragma: no cover - CPU machines
     HAVE_TRITON = False
 
 ENV_FLAG = "MOE_LOCAL_FUSED_GEMV"
+INTERPRET_FLAG = "TRITON_INTERPRET"
+# Read once, like triton.jit does when it decorates the kernels below: setting the variable later
+# would not turn compiled kernels into interpreted ones.
+INTERPRETED = HAVE_TRITON and os.environ.get(INTERPRET_FLAG, "") == "1"
 
 
 def available(x: torch.Tensor) -> bool:
-    """True when a fused kernel can serve x (CUDA tensor, Triton importable)."""
-    return HAVE_TRITON and x.is_cuda
+    """True when a fused kernel can serve x: a CUDA tensor with Triton importable, or a CPU tensor
+    under Triton's interpreter (testing only, see the module docstring)."""
+    if not HAVE_TRITON:
+        return False
+    return x.is_cuda or (INTERPRETED and x.device.type == "cpu")
 
 
 def wanted(x: torch.Tensor, in_f: int) -> bool:
-    """The opt-in dispatch rule used by the schemes: batch-1 decode on CUDA with the flag set."""
+    """The opt-in dispatch rule used by the schemes: batch-1 decode on CUDA with the flag set
+    (or on the CPU under Triton's interpreter, with the flag set as well)."""
     return os.environ.get(ENV_FLAG, "") == "1" and available(x) and x.numel() == in_f
 
 
@@ -98,8 +115,12 @@ if HAVE_TRITON:
         tl.store(out_ptr + rows, acc, mask=rmask)
 
 
-# Rows per program and code bytes per step: simple defaults, see benchmarks/quant_kernels.py.
-BLOCK_N, BLOCK_KB = 32, 128
+# Rows per program and code bytes per step (4 warps). Checked without a GPU by compiling for sm_90
+# with Triton 3.7's ptxas: at 32 x 128 the ternary kernel needed 255 registers and spilled 212
+# bytes, and an expert's 1408 rows made only 44 programs for 132 SMs; 16 x 128 spills nothing
+# (int4 96 registers, ternary 209) and doubles the programs. Not yet tuned on a GPU: see
+# benchmarks/quant_kernels.py.
+BLOCK_N, BLOCK_KB = 16, 128
 
 
 def _gemv(kernel, x: torch.Tensor, packed: tuple[torch.Tensor, ...], shape: tuple[int, int],
