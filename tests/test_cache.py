@@ -341,3 +341,15 @@ def test_random_schedules_keep_results_and_slots_consistent(pack):
         assert c["uses"] == sum(r["uses"] for r in c["layers"])
         assert c["prefetch"]["used"] + c["prefetch"]["wasted"] <= c["prefetch"]["issued"]
         p.close()
+
+
+def test_cpu_ram_too_small_names_what_counts_and_no_empty_kv_cache():
+    """On a CPU the KV cache is not in the slot budget (kv_bytes=0): the message must not claim "KV cache 0 B"."""
+    kw = dict(slot_bytes=1 * MiB, num_keys=100, top_k=2, resident_bytes=10 * MiB, kv_bytes=0,
+              expanded_bytes=1 * MiB, gpu_budget=None, cuda=False)
+    with pytest.raises(MoeLocalError) as info:
+        plan_budget(ram_budget=5 * MiB, **kw)
+    msg = str(info.value)
+    assert "resident weights 10.00 MiB + one layer's top-2 experts" in msg and "KV cache" not in msg
+    assert "need at least 12.00 MiB" in msg
+    assert plan_budget(ram_budget=12 * MiB, **kw).host_slots == 2  # the stated minimum works

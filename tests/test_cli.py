@@ -181,9 +181,68 @@ def test_cache_budget_changes_speed_not_tokens_and_reports_it(model, tmp_path):
     assert 0.0 <= tight["cache"]["hit_rate"] <= 1.0
     report = json.loads(stats.read_text())
     assert report["cache"]["hit_rate"] == tight["cache"]["hit_rate"]
-    assert report["tokens"] == {"prompt": len(tight["prompt_tokens"]), "generated": 10}
+    assert report["tokens"] == {"prompt": len(tight["prompt_tokens"]), "generated": 10, "cached": 0}
     assert report["cache"]["tiers"]["ram"]["misses"] > 0  # the budget really was tight
     rendered = run("report", str(stats))
     assert rendered.exit_code == 0 and "hit rate" in rendered.stdout
     simulated = run("simulate", str(trace), "--sizes", "4,8", "--json")
     assert simulated.exit_code == 0, simulated.stdout
+
+
+def _events(*texts: str):
+    """A real GenerationStream over fixed text deltas (what the generator yields), to test rendering alone."""
+    from moe_local.runtime.generate import GenerationResult, GenerationStream, TokenEvent
+    from moe_local.runtime.timing import Timings
+
+    def run_(stream):
+        try:
+            for i, t in enumerate(texts):
+                yield TokenEvent(i, t)
+        finally:
+            stream._finish(GenerationResult([0], list(range(len(texts))), "".join(texts), "length", Timings()))
+
+    return GenerationStream(run_)
+
+
+def test_streamed_text_ends_its_line_exactly_once(capsys):
+    """The timing line on stderr must start on a fresh line, with no blank line when the text ended one."""
+    from moe_local.cli.run_cmds import stream_to_stdout
+
+    stream_to_stdout(_events("def f():", "\n    return 1"), ids_only=False)
+    assert capsys.readouterr().out == "def f():\n    return 1\n"
+    stream_to_stdout(_events("x = 1", "\n"), ids_only=False)
+    assert capsys.readouterr().out == "x = 1\n"
+    stream_to_stdout(_events(), ids_only=False)
+    assert capsys.readouterr().out == ""
+
+
+def test_chat_stats_show_the_reused_prefix(model):
+    r = run("chat", model[0], "-n", "3", "--temperature", "0", "--ignore-eos", input="hi\nagain\n/stats\n/quit\n")
+    timing = [line for line in r.stderr.splitlines() if line.startswith("prompt ")]
+    assert "cached" not in timing[0] and " cached, " in timing[1]
+    assert "cached)" in r.stdout  # /stats: "prompt tokens  N (M cached)"
+
+
+def _typed(*keys):
+    """`ask` for read_message: returns each line in turn; KeyboardInterrupt / EOFError entries are raised (Ctrl-C / Ctrl-D)."""
+    it = iter(keys)
+
+    def ask(prompt: str) -> str:
+        k = next(it)
+        if isinstance(k, type) and issubclass(k, BaseException):
+            raise k
+        return k
+
+    return ask
+
+
+def test_ctrl_c_while_typing_a_multi_line_message_drops_it_but_keeps_the_chat():
+    from moe_local.cli.run_cmds import read_message
+
+    assert read_message(_typed('"""', "half a paste", KeyboardInterrupt)) == ""  # dropped, chat goes on
+    assert read_message(_typed("first \\", KeyboardInterrupt)) == ""
+    assert read_message(_typed('"""', "a", "b", '"""')) == "a\nb"
+    assert read_message(_typed("one \\", "two")) == "one \ntwo"
+    assert read_message(_typed(EOFError)) is None  # Ctrl-D at the prompt ends the chat
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C at the prompt ends it too (repl turns it into a clean exit)
+        read_message(_typed(KeyboardInterrupt))

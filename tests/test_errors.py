@@ -138,3 +138,21 @@ def test_hub_id_offline_with_empty_cache(tmp_path):
                        capture_output=True, text=True, env=env, timeout=120)
     line = assert_one_line_error(r.stdout + r.stderr, r.returncode)
     assert "some-org/some-model" in line and "offline" in line
+
+
+def test_malformed_device_is_one_line_not_a_torch_traceback(good, tmp_path):
+    """torch.device("cuda:x") raises RuntimeError; every command that takes --device must turn it into one line."""
+    assert "--device" in cli_error("generate", good, "--prompt", "hi", "--device", "cuda:x")
+    assert "--device" in cli_error("chat", good, "--device", "cuda:x", input="hi\n")
+    np = pytest.importorskip("numpy")
+    tokens = tmp_path / "ids.npy"
+    np.save(tokens, np.arange(20, dtype=np.int32))
+    assert "--device" in cli_error("eval", good, "--tokens", tokens, "--device", "cuda:x")
+
+
+def test_stats_json_into_a_missing_directory_fails_before_loading(good, tmp_path):
+    r = runner.invoke(app, ["generate", str(good), "--prompt", "hi", "-n", "2",
+                            "--stats-json", str(tmp_path / "nope" / "run.json")])
+    line = assert_one_line_error(r.output, r.exit_code)
+    assert str(tmp_path / "nope") in line and "does not exist" in line
+    assert "loaded" not in r.output and "prompt " not in r.output  # refused before any work

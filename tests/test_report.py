@@ -76,6 +76,26 @@ def test_report_without_gpu_tier_or_prefetch(tmp_path):
     assert "prefetch" not in res.stdout.split("speed")[1]  # only the options line mentions prefetch
     assert "budgets      gpu none" in res.stdout or "gpu none" in res.stdout
     assert "78.1%" in res.stdout
+    assert "computed on the CPU" not in res.stdout  # meaningless without a GPU: every expert runs on the CPU
+
+
+def test_report_of_a_resident_run_shows_no_empty_cache_table(tmp_path):
+    """`generate --experts resident --stats-json` has no cache section: no "-" policy row, no empty tier table."""
+    rep = sample_report(gpu=False)
+    del rep["cache"]
+    rep["options"] = {}
+    res = runner.invoke(app, ["report", str(write(tmp_path, rep))])
+    assert res.exit_code == 0, res.output
+    assert "all resident (no expert cache)" in res.stdout
+    assert "effective hit rate" not in res.stdout and "policy" not in res.stdout and "budgets" not in res.stdout
+    assert "31.25" in res.stdout  # the speed table is still there
+
+
+def test_report_shows_a_chat_turns_cached_prefix(tmp_path):
+    rep = sample_report()
+    rep["tokens"]["cached"] = 9
+    res = runner.invoke(app, ["report", str(write(tmp_path, rep))])
+    assert "12 prompt (9 cached), 100 generated" in res.stdout
 
 
 @pytest.mark.parametrize("content, message", [

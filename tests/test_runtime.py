@@ -270,3 +270,23 @@ def test_chat_turns_prefill_only_the_new_tokens(chat_model):
     assert prefill.phase == "prefill" and prefill.start > len(first.prompt_ids) // 2
     assert prefill.start + prefill.tokens == len(second.prompt_ids)
     assert [s.phase for s in steps[1:]] == ["decode"] * 3
+
+
+def test_chat_turn_timings_count_only_the_prefilled_tokens(chat_model):
+    """A reused prefix is not prefilled: prompt tok/s must divide the new tokens only, or turn 2 reads 50x faster."""
+    steps: list[StepInfo] = []
+    session = Session.open(chat_model[0], device="cpu", dtype="float32", on_step=steps.append)
+    chat = ChatSession(session)
+    opts = GenerateOptions(GREEDY, max_tokens=4, ignore_eos=True)
+    first = chat.reply("hello", opts).collect()
+    assert first.timings.cached_tokens == 0
+    steps.clear()
+    second = chat.reply("again", opts).collect()
+    t = second.timings
+    assert t.cached_tokens == steps[0].start > 0 and t.prompt_tokens == len(second.prompt_ids)
+    assert t.prompt_tps == pytest.approx(steps[0].tokens / t.prefill_s)
+    assert t.to_dict()["cached_tokens"] == t.cached_tokens
+    assert f"prompt {t.prompt_tokens} tokens ({t.cached_tokens} cached, " in t.summary_line()
+    report = session.run_report(second)
+    assert report["tokens"]["cached"] == t.cached_tokens
+    assert report["timings"]["prompt_tps"] == pytest.approx(t.prompt_tps)

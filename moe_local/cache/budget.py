@@ -161,7 +161,9 @@ def plan_budget(
     host_slots = max(0, (ram_budget - host_fixed) // slot)
     if host_slots < host_min:
         need = host_fixed + host_min * slot
-        what = "" if cuda else f"resident weights {human(resident_bytes)} + KV cache {human(kv_bytes)} + "
+        # kv_bytes is 0 on a CPU (the KV cache is not part of the slot budget there): do not print "KV cache 0 B"
+        kv = f"KV cache {human(kv_bytes)} + " if kv_bytes else ""
+        what = "" if cuda else f"resident weights {human(resident_bytes)} + {kv}"
         raise MoeLocalError(
             f"--ram {human(ram_budget)} is too small: {what}one layer's top-{top_k} experts "
             f"({top_k} x {human(slot)}) need at least {human(need)}"

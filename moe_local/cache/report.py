@@ -100,11 +100,16 @@ def render_report(report: dict) -> Group:
     run.add_column()
     run.add_row("model", str(report.get("model", "-")))
     run.add_row("device / dtype", f"{report.get('device', '-')} / {report.get('dtype', '-')}")
-    run.add_row("policy", f"{opts.get('policy', '-')}  (prefetch depth {opts.get('prefetch_depth', '-')}, "
-                          f"extra {opts.get('prefetch_extra', '-')}, miss {opts.get('miss', '-')})")
-    run.add_row("budgets", f"gpu {_bytes(opts.get('gpu_mem')) if opts.get('gpu_mem') is not None else 'none'}, "
-                           f"ram {_bytes(opts.get('ram')) if opts.get('ram') is not None else 'auto'}")
-    run.add_row("tokens", f"{_num(toks.get('prompt'))} prompt, {_num(toks.get('generated'))} generated")
+    resident = "cache" not in report  # `--experts resident`: no cache, so no policy, budgets or hit rates
+    if resident:
+        run.add_row("experts", "all resident (no expert cache)")
+    else:
+        run.add_row("policy", f"{opts.get('policy', '-')}  (prefetch depth {opts.get('prefetch_depth', '-')}, "
+                              f"extra {opts.get('prefetch_extra', '-')}, miss {opts.get('miss', '-')})")
+        run.add_row("budgets", f"gpu {_bytes(opts.get('gpu_mem')) if opts.get('gpu_mem') is not None else 'none'}, "
+                               f"ram {_bytes(opts.get('ram')) if opts.get('ram') is not None else 'auto'}")
+    cached = f" ({_num(toks['cached'])} cached)" if toks.get("cached") else ""  # a chat turn's reused prefix
+    run.add_row("tokens", f"{_num(toks.get('prompt'))} prompt{cached}, {_num(toks.get('generated'))} generated")
     parts.append(run)
 
     tim = report.get("timings", {})
@@ -133,11 +138,12 @@ def render_report(report: dict) -> Group:
     extra = []
     if _is_num(cache.get("stall_s")):
         extra.append(f"stalled waiting for experts: {_seconds(cache['stall_s'])}")
-    if _is_num(cache.get("cpu_computed")):
+    if _is_num(cache.get("cpu_computed")) and "gpu" in tiers:  # --miss cpu/auto: only a GPU run can fall back to the CPU
         extra.append(f"experts computed on the CPU: {cache['cpu_computed']:,}")
     if extra:
         tier_table.caption = "; ".join(extra)
-    parts.append(tier_table)
+    if not resident:
+        parts.append(tier_table)
 
     pf = cache.get("prefetch")
     if isinstance(pf, dict) and pf:
@@ -195,12 +201,18 @@ def _pyplot():
     return plt
 
 
-def check_plot_target(out: str | Path) -> None:
-    """Fail before rendering anything if the plot cannot be written (no matplotlib, no directory)."""
-    _pyplot()
+def check_output_dir(out: str | Path) -> None:
+    """Fail before a run (or a render) whose result could not be written: a typo'd directory would
+    otherwise only show after the whole generation."""
     parent = Path(out).parent
     if not parent.is_dir():
         raise MoeLocalError("directory does not exist", parent)
+
+
+def check_plot_target(out: str | Path) -> None:
+    """Fail before rendering anything if the plot cannot be written (no matplotlib, no directory)."""
+    _pyplot()
+    check_output_dir(out)
 
 
 def plot_report(report: dict, out: str | Path) -> Path:
@@ -222,7 +234,8 @@ def plot_report(report: dict, out: str | Path) -> Path:
         suffix = f" (overall {100 * overall:.1f}%)" if _is_num(overall) else ""
         ax1.set_title("expert cache hit rate per layer" + suffix)
         if not layers:
-            ax1.text(0.5, 0.5, "no per-layer data", ha="center", va="center", transform=ax1.transAxes)
+            note = "all experts resident: no cache" if "cache" not in report else "no per-layer data"
+            ax1.text(0.5, 0.5, note, ha="center", va="center", transform=ax1.transAxes)
         ms = [1000 * x for x in lat]
         if ms:
             ax2.hist(ms, bins=max(5, min(50, int(math.sqrt(len(ms))) * 2)), color="tab:orange")

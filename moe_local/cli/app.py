@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import sys
 
 import typer
 
@@ -18,17 +19,26 @@ app = typer.Typer(
 COMMAND_MODULES = (
     "moe_local.cli.run_cmds",  # generate, chat, inspect
     "moe_local.cli.quant_cmds",  # quantize, eval
-    "moe_local.cli.cache_cmds",  # report, simulate, bench
+    "moe_local.cli.cache_cmds",  # report, simulate
 )
 
-for _name in COMMAND_MODULES:
-    try:
-        _module = importlib.import_module(_name)
-    except ModuleNotFoundError as _exc:
-        if _exc.name != _name:
-            raise
-        continue
-    _module.register(app)
+
+def register_commands(target: typer.Typer) -> None:
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        module.register(target)
+
+
+try:
+    register_commands(app)
+except KeyboardInterrupt:  # Ctrl-C while torch is still importing: a person expects no traceback
+    sys.stderr.write("interrupted\n")
+    sys.exit(130)
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ DEFAULT_SIZES = "12.5%,25%,50%"
 
 @user_errors
 def report_cmd(
-    file: Annotated[Path, typer.Argument(help="Run report written by `generate --stats-json FILE`.")],
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="Run report written by `generate --stats-json FILE`.")],
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Also draw hit rate per layer and the latency "
                                                  "histogram to this PNG (needs matplotlib).")] = None,
 ) -> None:

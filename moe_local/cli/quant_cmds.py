@@ -55,7 +55,7 @@ def quantize_cmd(
 
 @user_errors
 def eval_cmd(
-    model: Annotated[str, typer.Argument(help="Checkpoint folder, hub id or pack folder.")],
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="Checkpoint folder, hub id or pack folder.")],
     tokens: Annotated[Path, typer.Option("--tokens", help="Token ids (.npy, uint16/int32, 1-D).")],
     max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="Use the first N ids.")] = None,
     window: Annotated[int, typer.Option("--window", help="Tokens per window.")] = 512,
@@ -70,7 +70,7 @@ def eval_cmd(
     from moe_local.runtime.loader import DTYPES, load_model
 
     if dtype is not None and dtype not in DTYPES:
-        raise MoeLocalError(f"bad --dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+        raise MoeLocalError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     lm = load_model(model, device=device, dtype=dtype)
     ref = load_model(reference, device=device, dtype=dtype) if reference else None
     ids = load_token_ids(tokens, max_tokens, lm.config.get("vocab_size"))

@@ -24,6 +24,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from moe_local.cache.options import CacheOptions, provider_factory
+from moe_local.cache.report import check_output_dir
 from moe_local.cache.stats import write_json_atomic
 from moe_local.cli.common import err, out, user_errors
 from moe_local.errors import MoeLocalError
@@ -90,6 +91,8 @@ class LoadSpec:
         lm = session.lm
         err.print(f"[dim]loaded {lm.model.family} from {escape(str(lm.root))} on {lm.device} ({str(lm.dtype).removeprefix('torch.')}) "
                   f"in {time.perf_counter() - t0:.1f} s[/]")
+        if self.options.get("gpu_mem") is not None and lm.device.type != "cuda":
+            err.print("[yellow]note: --gpu-mem is ignored on the CPU; --ram sizes the expert cache[/]")
         return session
 
 
@@ -107,13 +110,16 @@ def make_provider(options: dict[str, Any]) -> ProviderFactory:
 
 
 def build_load(**kw: Any) -> LoadSpec:
-    from moe_local.runtime.loader import DTYPES
+    from moe_local.runtime.loader import DTYPES, resolve_device
 
     dtype, device = kw.get("dtype"), kw.get("device")
     if dtype is not None and dtype not in DTYPES:
         raise MoeLocalError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if device is not None and device.split(":")[0] not in ("cpu", "cuda", "auto"):
         raise MoeLocalError(f"--device must be cpu, cuda, cuda:N or auto, got {device!r}")
+    resolve_device(device)  # a bad cuda:N, or cuda without CUDA: fail before anything is read
+    if kw["stats_json"] is not None:
+        check_output_dir(kw["stats_json"])  # not after the whole generation
     if kw["experts"] not in ("tiered", "resident"):
         raise MoeLocalError(f"--experts must be tiered or resident, got {kw['experts']!r}")
     return LoadSpec(kw.get("device"), kw.get("dtype"), make_provider(kw), kw)
@@ -172,17 +178,27 @@ def print_timing(result: GenerationResult) -> None:
 
 
 def stream_to_stdout(stream: GenerationStream, ids_only: bool) -> GenerationResult:
-    """Print text deltas as they come (token ids when there is no tokenizer); Ctrl-C ends the reply early."""
+    """Print text deltas as they come (token ids when there is no tokenizer); Ctrl-C ends the reply early.
+
+    Ends the line unless the text already did, so the timing line on stderr starts on a fresh line
+    without a blank one before it."""
+    at_line_start = True
     try:
         for event in stream:
             if ids_only:
                 typer.echo(f"{event.token} ", nl=False)
+                at_line_start = False
             elif event.text:
                 typer.echo(event.text, nl=False)
+                at_line_start = event.text.endswith("\n")
     except KeyboardInterrupt:
         stream.close()
-        err.print("\n[yellow]\\[interrupted][/]")
-    typer.echo("")
+        if not at_line_start:
+            typer.echo("")
+        at_line_start = True
+        err.print("[yellow]\\[interrupted][/]")
+    if not at_line_start:
+        typer.echo("")
     assert stream.result is not None
     return stream.result
 
@@ -198,7 +214,7 @@ NO_TEMPLATE_NOTE = "note: this model has no chat template; turns are joined as p
 
 
 # ------------------------------------------------------------------ commands
-ModelArg = Annotated[str, typer.Argument(help="A model folder, or a Hugging Face repo id (org/name).")]
+ModelArg = Annotated[str, typer.Argument(metavar="MODEL", help="A model folder, or a Hugging Face repo id (org/name).")]
 
 
 @user_errors
@@ -260,36 +276,45 @@ CHAT_HELP = """commands:
   /quit    leave (also /exit, Ctrl-D, or Ctrl-C at the prompt)
 multi-line input: end a line with \\ to continue on the next one,
   or type \"\"\" on a line of its own to start a block and again to end it.
-Ctrl-C while the model is answering stops the answer, not the chat."""
+Ctrl-C while the model is answering stops the answer, not the chat;
+  on a "..." line it drops the message being typed."""
 
 
 def read_message(ask: Callable[[str], str]) -> str | None:
-    """One user message (possibly multi-line); None at end of input."""
+    """One user message (possibly multi-line); None at end of input.
+
+    Ctrl-C at the first prompt propagates (the chat ends); Ctrl-C on a continuation line ("... ")
+    drops the message being typed and returns "" (nothing to send), as Python's REPL does, so a
+    botched paste does not end the whole chat."""
     try:
         line = ask(">>> ")
     except EOFError:
         return None
-    if line.strip() == '"""':
-        lines: list[str] = []
-        while True:
+    try:
+        if line.strip() == '"""':
+            lines: list[str] = []
+            while True:
+                try:
+                    more = ask("... ")
+                except EOFError:
+                    break
+                if more.strip() == '"""':
+                    break
+                lines.append(more)
+            return "\n".join(lines)
+        parts = []
+        while line.endswith("\\"):
+            parts.append(line[:-1])
             try:
-                more = ask("... ")
+                line = ask("... ")
             except EOFError:
+                line = ""
                 break
-            if more.strip() == '"""':
-                break
-            lines.append(more)
-        return "\n".join(lines)
-    parts = []
-    while line.endswith("\\"):
-        parts.append(line[:-1])
-        try:
-            line = ask("... ")
-        except EOFError:
-            line = ""
-            break
-    parts.append(line)
-    return "\n".join(parts)
+        parts.append(line)
+        return "\n".join(parts)
+    except KeyboardInterrupt:
+        typer.echo("")
+        return ""
 
 
 def stats_table(session, result: GenerationResult | None) -> Table | str:
@@ -297,7 +322,8 @@ def stats_table(session, result: GenerationResult | None) -> Table | str:
         return "no reply yet"
     t = result.timings
     table = Table(show_header=False, box=None)
-    rows = [("prompt tokens", str(t.prompt_tokens)), ("prompt tok/s", f"{t.prompt_tps:.1f}"),
+    cached = f" ({t.cached_tokens} cached)" if t.cached_tokens else ""  # earlier turns, not prefilled again
+    rows = [("prompt tokens", f"{t.prompt_tokens}{cached}"), ("prompt tok/s", f"{t.prompt_tps:.1f}"),
             ("generated tokens", str(t.generated_tokens)), ("generated tok/s", f"{t.gen_tps:.1f}"),
             ("time to first token", f"{t.ttft_s * 1000:.0f} ms"), ("stop reason", result.stop_reason),
             ("context used", f"{len(result.prompt_ids) + len(result.tokens)} / {session.generator.context_length}")]

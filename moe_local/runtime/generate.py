@@ -247,6 +247,7 @@ class Generator:
         try:
             self.reserve(len(prompt) + options.max_tokens)
             start = self._common_prefix(prompt)
+            timings.cached_tokens = start
             logits = self._forward(prompt[start:], start, "prefill")
             timings.prefill_s = now(dev) - t0
             max_new = min(options.max_tokens, self.context_length - len(prompt))

@@ -37,7 +37,10 @@ def default_dtype(device: torch.device) -> torch.dtype:
 def resolve_device(name: str | None) -> torch.device:
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:  # torch's message ("Invalid device string") names no flag and comes with a traceback
+        raise MoeLocalError(f"--device must be cpu, cuda, cuda:N or auto, got {name!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise MoeLocalError("--device cuda asked for, but torch sees no CUDA device")
     return device

@@ -18,7 +18,8 @@ from moe_local.runtime.loader import LoadedModel, ProviderFactory, load_model, r
 from moe_local.loading.hub import resolve_model_dir
 from moe_local.runtime.tokenizer import Tokenizer, load_tokenizer
 
-NO_TOKENIZER = "has no tokenizer.json, so text cannot be tokenized; give token ids with --prompt-ids 1,2,3"
+NO_TOKENIZER = (
+    "has no tokenizer.json, so text cannot be tokenized; give token ids with `moe-local generate --prompt-ids 1,2,3`")
 
 
 @dataclass
@@ -81,12 +82,16 @@ class Session:
 
         t = result.timings
         report_fn = getattr(self.lm.provider, "report", None)
-        return run_report(
+        report = run_report(
             model=str(self.lm.root), device=str(self.lm.device), dtype=str(self.lm.dtype).removeprefix("torch."),
             options=options or {}, prompt_tokens=t.prompt_tokens, generated_tokens=t.generated_tokens,
             ttft_s=t.ttft_s, prompt_s=t.prefill_s, token_latencies_s=t.token_latencies_s[1:],
             cache=report_fn() if callable(report_fn) else None,
         )
+        # A chat turn reuses the earlier turns' keys/values: only the new tokens were prefilled.
+        report["tokens"]["cached"] = t.cached_tokens
+        report["timings"]["prompt_tps"] = t.prompt_tps
+        return report
 
     def close(self) -> None:
         """Let the expert provider finish in-flight transfers and write its routing trace."""

@@ -1,7 +1,9 @@
 """Timings of one generation request, in the units llama.cpp prints (tokens/s, ms).
 
 Definitions, so numbers compare across runs:
-- prompt tok/s = prompt tokens / prefill seconds (one forward over the whole prompt);
+- prompt tok/s = prompt tokens prefilled / prefill seconds (one forward over the prompt, minus the
+  `cached_tokens` a previous request left in the KV cache: a chat's next turn only prefills its new
+  tokens, and counting the cached ones would inflate the rate);
 - TTFT = request start -> first generated token sampled (prefill + first sample);
 - generated tok/s = decode forwards / their seconds (the first token comes from the prefill, so
   N generated tokens take N-1 decode forwards);
@@ -26,6 +28,7 @@ def now(device: torch.device | None = None) -> float:
 @dataclass
 class Timings:
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # leading prompt tokens whose keys/values were reused, not recomputed
     generated_tokens: int = 0
     prefill_s: float = 0.0
     ttft_s: float = 0.0
@@ -35,7 +38,7 @@ class Timings:
 
     @property
     def prompt_tps(self) -> float:
-        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+        return (self.prompt_tokens - self.cached_tokens) / self.prefill_s if self.prefill_s > 0 else 0.0
 
     @property
     def gen_tps(self) -> float:
@@ -45,6 +48,7 @@ class Timings:
     def to_dict(self) -> dict:
         return {
             "prompt_tokens": self.prompt_tokens,
+            "cached_tokens": self.cached_tokens,
             "generated_tokens": self.generated_tokens,
             "prompt_tps": round(self.prompt_tps, 3),
             "gen_tps": round(self.gen_tps, 3),
@@ -57,6 +61,7 @@ class Timings:
 
     def summary_line(self) -> str:
         """One line in the spirit of llama.cpp's timing print."""
-        return (f"prompt {self.prompt_tokens} tokens ({self.prompt_tps:.1f} tok/s), "
+        cached = f"{self.cached_tokens} cached, " if self.cached_tokens else ""
+        return (f"prompt {self.prompt_tokens} tokens ({cached}{self.prompt_tps:.1f} tok/s), "
                 f"generated {self.generated_tokens} tokens ({self.gen_tps:.1f} tok/s), "
                 f"TTFT {self.ttft_s * 1000:.0f} ms")
