@@ -36,18 +36,56 @@ class EvalResult:
         return asdict(self)
 
 
-def load_token_ids(path: str | Path, max_tokens: int | None = None, vocab_size: int | None = None,
-                   offset: int = 0) -> torch.Tensor:
-    """The first `max_tokens` ids (after `offset`) of a 1-D integer .npy file, as int64 (no pickles)."""
-    path = Path(path)
+TOKEN_FILE_WANTED = "expected a .npy of integer token ids (uint16/int32/int64)"
+
+
+def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype from a .npy header, or a one-line MoeLocalError saying what the file is instead.
+
+    Why read the header ourselves: np.load on a file without the .npy magic falls back to pickle and
+    its refusal advises the user to "load it unsafely"; we never load pickles, so we check first and
+    name the file and what we found.
+    """
     try:
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        with open(path, "rb") as fh:
+            head = fh.read(6)
+            if head != b"\x93NUMPY":
+                found = "an empty file" if not head else f"no .npy header (the file starts with {head!r})"
+                raise MoeLocalError(f"{TOKEN_FILE_WANTED}, found {found}", path)
+            fh.seek(0)
+            try:
+                version = np.lib.format.read_magic(fh)
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, _fortran, dtype = read(fh)  # parsed with ast.literal_eval, never unpickled
+            except (ValueError, EOFError) as exc:
+                raise MoeLocalError(f"{TOKEN_FILE_WANTED}, found a damaged .npy header ({exc})", path) from None
     except FileNotFoundError:
         raise MoeLocalError("no such token file", path) from None
-    except (ValueError, OSError) as exc:
-        raise MoeLocalError(f"not a readable .npy array of token ids ({exc})", path) from None
-    if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
-        raise MoeLocalError(f"expected a 1-D array of integer token ids, got {arr.ndim}-D {arr.dtype}", path)
+    except IsADirectoryError:
+        raise MoeLocalError(f"{TOKEN_FILE_WANTED}, found a directory", path) from None
+    except OSError as exc:
+        raise MoeLocalError(f"cannot read the token file: {exc.strerror}", path) from None
+    if dtype.hasobject:
+        raise MoeLocalError(f"{TOKEN_FILE_WANTED}, found an array of Python objects (dtype {dtype}; "
+                            "pickled data is never loaded)", path)
+    if len(shape) != 1 or dtype.kind not in "iu":
+        raise MoeLocalError(f"{TOKEN_FILE_WANTED}, found a {len(shape)}-D {dtype} array", path)
+    return shape, dtype
+
+
+def load_token_ids(path: str | Path, max_tokens: int | None = None, vocab_size: int | None = None,
+                   offset: int = 0) -> torch.Tensor:
+    """The first `max_tokens` ids (after `offset`) of a 1-D integer .npy file, as int64.
+
+    The one token-file loader (eval --tokens, quantize --calibration): pickles are never loaded, and
+    anything that is not a 1-D integer .npy is refused in one line naming the file.
+    """
+    path = Path(path)
+    _npy_header(path)
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise MoeLocalError(f"{TOKEN_FILE_WANTED}, found a truncated or unreadable array ({exc})", path) from None
     end = len(arr) if max_tokens is None else min(len(arr), offset + max_tokens)
     ids = torch.from_numpy(np.asarray(arr[offset:end], dtype=np.int64))
     if ids.numel() < 2:

@@ -15,6 +15,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from moe_local.cache.budget import min_budget, planned_module_bytes
 from moe_local.errors import CheckpointError
 from moe_local.loading.checkpoint import Checkpoint
 from moe_local.loading.hub import resolve_model_dir
@@ -24,6 +27,7 @@ from moe_local.runtime.loader import build_model_for
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
                "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 RUN_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def read_safetensors_header(path: Path) -> dict[str, dict]:
@@ -60,7 +64,9 @@ class ModelSummary:
     run_dtype: str
     kv_bytes_per_token: int
     memory_all_resident: int  # dense + all experts + KV cache at full context, in run_dtype
-    memory_min_offload: int  # dense + top-k experts per MoE layer + KV cache at full context
+    # the smallest --ram the tiered cache accepts on a CPU: resident (non-expert) weights in run_dtype +
+    # one layer's top-k expert slots, by cache.budget.min_budget (the rule plan_budget enforces)
+    memory_min_offload: int
     # For a pack: Pack.describe() (scheme per tensor group, bytes per expert per layer, sizes), each
     # group also carrying `group_size_used` (see Scheme.group_size_for). None for a checkpoint.
     pack: dict[str, Any] | None = None
@@ -141,6 +147,7 @@ def _summary(model, root: Path, config: dict, run_dtype: str, expert_run_bytes: 
                 if not (a.tie_word_embeddings and n == "lm_head.weight"))
     per_expert = _expert_params(a)
     n_moe = len(a.moe_layers)
+    resident = planned_module_bytes(model, _TORCH_DTYPES[run_dtype])  # before any KV cache exists
     model.setup_cache(1)  # meta tensors: counts elements, allocates nothing
     kv_elems = model.kv_cache_bytes() // model.lm_head.weight.element_size()
     bpe = RUN_DTYPE_BYTES[run_dtype]
@@ -154,7 +161,8 @@ def _summary(model, root: Path, config: dict, run_dtype: str, expert_run_bytes: 
         active_params=dense + n_moe * a.num_experts_per_tok * per_expert,
         dense_params=dense, expert_params=per_expert, run_dtype=run_dtype, kv_bytes_per_token=kv_elems * bpe,
         memory_all_resident=dense * bpe + a.num_experts * expert_run_bytes + kv_total,
-        memory_min_offload=dense * bpe + a.num_experts_per_tok * expert_run_bytes + kv_total,
+        memory_min_offload=min_budget(slot_bytes=stored["bytes_per_expert"], top_k=a.num_experts_per_tok,
+                                      resident_bytes=resident),
         **stored,
     )
 
@@ -181,8 +189,8 @@ def pack_rows(pack: dict[str, Any]) -> list[tuple[str, str]]:
     recipe = pack.get("recipe") or {}
     dense = pack["dense"]
     rows = [
-        ("pack", f"{human_bytes(pack['pack_bytes'])}, routed experts at {pack['expert_bits_per_weight']:.3f} "
-                 "bits/weight (scales included)"),
+        ("pack", pack_size_text(pack["weight_bytes"], pack["other_bytes"])),
+        ("routed experts", f"{pack['expert_bits_per_weight']:.3f} bits/weight (scales included)"),
         ("source", str(src.get("ref") or src.get("path") or "?")),
         ("recipe", str(recipe.get("name", "?"))),
         ("dense weights", f"{dense['scheme']} in {dense['file']} ({human_bytes(dense['bytes'])})"),
@@ -202,6 +210,14 @@ def pack_rows(pack: dict[str, Any]) -> list[tuple[str, str]]:
     for n, layers in sorted(by_size.items(), key=lambda kv: min(kv[1])):
         rows.append((f"bytes per expert, layers {layer_ranges(layers)}", f"{human_bytes(n)} ({n} bytes, one aligned read)"))
     return rows
+
+
+def pack_size_text(weight_bytes: int, other_bytes: int, approx: bool = False) -> str:
+    """One wording for a pack's size in `quantize --dry-run`, the quantize summary and `inspect`
+    (measured by pack.pack_size; the dry run's manifest is an estimate, hence approx)."""
+    total = human_bytes(weight_bytes + other_bytes)
+    return (f"{'~' if approx else ''}{total} on disk = weight files {human_bytes(weight_bytes)} (tensors, headers, "
+            f"alignment padding) + manifest, config and tokenizer {human_bytes(other_bytes)}")
 
 
 def human_bytes(n: float) -> str:
@@ -224,5 +240,5 @@ def _scaled(n: float, step: int, units: tuple[str, ...], sep: str) -> str:
     return f"{n:.0f}{sep}{unit}" if unit == units[0] else f"{n:.2f}{sep}{unit}"
 
 
-__all__ = ["ModelSummary", "human_bytes", "human_count", "pack_rows", "read_safetensors_header", "summarize",
+__all__ = ["ModelSummary", "human_bytes", "human_count", "pack_rows", "pack_size_text", "read_safetensors_header", "summarize",
            "summarize_pack"]

@@ -230,6 +230,41 @@ def test_trace_is_readable_and_replays_the_demand_sequence(pack, prompt, tmp_pat
     assert future_from_trace(path) == lm.provider.access_log
 
 
+def test_belady_trace_of_another_prompt_warns_once_and_keeps_the_tokens(pack, prompt, tmp_path, capfd):
+    """--belady-trace recorded on prompt A: a run of A is silent; a run of prompt B says once on stderr
+    that the trace does not match (naming it), and its tokens are those of all-resident experts."""
+    path = tmp_path / "a.trace.jsonl"
+    run(pack, prompt, tiered_factory(slots=8, trace=path))
+    capfd.readouterr()
+    opts = CacheOptions(ram="320KiB", policy="belady", belady_trace=path, prefetch_depth=0)  # ~5 slots
+    _, same_tokens, _ = run(pack, prompt, provider_factory(opts))
+    assert capfd.readouterr().err == ""
+
+    other = torch.randint(0, 256, (16,), generator=torch.Generator().manual_seed(11))
+    _, ref_tokens, _ = run(pack, other)
+    logits, tokens, lm = run(pack, other, provider_factory(opts))
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("warning: ")
+    assert f"--belady-trace {path} does not match this run" in err and "tokens are unaffected" in err
+    assert tokens == ref_tokens
+    assert lm.provider.report()["tiers"]["ram"]["misses"] > 0  # the budget was tight: eviction really ran
+
+
+def test_belady_future_shorter_than_the_run_warns(pack, prompt, capfd):
+    src = Pack(pack)
+    keys = [(0, 0), (0, 1)]
+    tiered = TieredExperts(src, top_k=2, host_slots=4, policy="belady", future=keys, future_label="--belady-trace t")
+    x = torch.randn(1, H)
+    w = torch.ones(1, 2) / 2
+    tiered.forward(0, x, torch.tensor([[1, 0]]), w)
+    assert capfd.readouterr().err == ""
+    tiered.forward(0, x, torch.tensor([[1, 0]]), w)
+    tiered.forward(0, x, torch.tensor([[2, 3]]), w)
+    tiered.close()
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1 and "--belady-trace t does not match this run" in err and "went past the 2" in err
+
+
 def test_trace_to_an_unwritable_place_is_a_clear_error(tmp_path):
     from moe_local.cache.trace import TraceRecorder
 

@@ -139,6 +139,30 @@ def test_inspect_table_and_json(model):
     assert s["kv_bytes_per_token"] == 2 * 2 * 2 * 8 * 2  # layers x (k, v) x kv_heads x head_dim x bf16
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_inspect_min_offload_is_the_minimum_the_budget_check_accepts(model, tmp_path, dtype):
+    """inspect's minimum is plan_budget's: --ram of exactly that loads on a CPU, one byte less is refused."""
+    from moe_local.cache.options import CacheOptions, provider_factory
+    from moe_local.errors import MoeLocalError
+    from moe_local.inspect import summarize
+    from moe_local.runtime.loader import load_model
+
+    pack = tmp_path / "pack"
+    r = runner.invoke(app, ["quantize", str(model[0]), str(pack), "--scheme", "int4"])
+    assert r.exit_code == 0, r.output
+    for path in (model[0], pack):
+        need = summarize(path, dtype).memory_min_offload
+        lm = load_model(path, device="cpu", dtype=dtype,
+                        provider=provider_factory(CacheOptions(ram=need, prefetch_depth=0)))
+        assert lm.provider.plan.host_slots == 2  # top-k
+        lm.provider.close()
+        with pytest.raises(MoeLocalError, match="is too small"):
+            load_model(path, device="cpu", dtype=dtype, provider=provider_factory(CacheOptions(ram=need - 1,
+                                                                                              prefetch_depth=0)))
+    table = " ".join(run("inspect", pack, "--dtype", dtype).stdout.replace("│", " ").split())
+    assert f"min --ram, offload ({dtype})" in table and "resident weights + one layer's top-2 experts" in table
+
+
 def test_inspect_a_pack_shows_schemes_per_group_and_bytes_per_expert(model, tmp_path):
     from moe_local.quant.pack import Pack
 

@@ -349,6 +349,78 @@ def test_cli_eval_bad_token_file_is_one_line(tiny, tmp_path):
     assert res.exit_code == 1 and "outside the vocabulary of 256" in res.output
 
 
+def test_dry_run_quantize_summary_and_inspect_agree_on_the_pack_size(tiny, tmp_path):
+    """The dry run predicts the weight files to the byte (headers, alignment padding included) and the
+    copied files + manifest from above by a few bytes; the quantize summary and inspect print the
+    same measured total, in the same words."""
+    from moe_local.cli.app import app
+    from moe_local.inspect import pack_size_text, summarize
+    from moe_local.quant.pack import pack_size
+    from moe_local.quant.quantize import make_plan, plan_summary
+
+    src, _ = tiny
+    out = tmp_path / "sized"
+    runner = CliRunner()
+    dry = runner.invoke(app, ["quantize", str(src), str(out), "--scheme", "int4", "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    planned = plan_summary(make_plan(src, build_recipe("int4")), str(src))
+    res = runner.invoke(app, ["quantize", str(src), str(out), "--scheme", "int4"])
+    assert res.exit_code == 0, res.output
+
+    size = pack_size(out)
+    on_disk = {f.name: f.stat().st_size for f in out.iterdir()}
+    assert size.total == sum(on_disk.values())
+    assert size.weight_bytes == sum(n for name, n in on_disk.items() if name.endswith(".safetensors"))
+    assert planned["weight_bytes"] == size.weight_bytes
+    assert 0 <= planned["other_bytes"] - size.other_bytes <= 10 * planned["experts"]  # crc32s at their widest
+    assert planned["pack_bytes"] == planned["weight_bytes"] + planned["other_bytes"]
+
+    text = pack_size_text(size.weight_bytes, size.other_bytes)
+    assert f"wrote {out}: {text};" in " ".join(res.stderr.split())
+    assert "pack total: ~" + pack_size_text(planned["weight_bytes"], planned["other_bytes"]) in " ".join(dry.stdout.split())
+    s = summarize(out)
+    assert s.checkpoint_bytes == size.total == s.pack["pack_bytes"]
+    assert (s.pack["weight_bytes"], s.pack["other_bytes"]) == (size.weight_bytes, size.other_bytes)
+    table = runner.invoke(app, ["inspect", str(out)])
+    assert text in " ".join(table.stdout.replace("│", " ").split())
+
+
+def _bad_token_files(tmp_path):
+    (tmp_path / "ids.json").write_text("[1, 2, 3]")
+    np.save(tmp_path / "objects.npy", np.array([1, "a", None], dtype=object), allow_pickle=True)
+    np.save(tmp_path / "floats.npy", np.array([1.0, 2.0]))
+    np.save(tmp_path / "grid.npy", np.zeros((2, 3), dtype=np.int32))
+    return {
+        "ids.json": "found no .npy header",
+        "objects.npy": "found an array of Python objects",
+        "floats.npy": "found a 1-D float64 array",
+        "grid.npy": "found a 2-D int32 array",
+    }
+
+
+def test_cli_eval_refuses_a_non_npy_or_pickled_token_file_in_one_line(tiny, tmp_path):
+    """No numpy "allow_pickle / load unsafely" advice reaches the user: one line naming the file."""
+    from moe_local.cli.app import app
+
+    for name, found in _bad_token_files(tmp_path).items():
+        path = tmp_path / name
+        res = CliRunner().invoke(app, ["eval", str(tiny[0]), "--tokens", str(path), "--device", "cpu"])
+        assert res.exit_code == 1, name
+        line = res.output.strip()
+        assert line.count("\n") == 0, line
+        assert str(path) in line and "expected a .npy of integer token ids (uint16/int32/int64)" in line and found in line
+        assert "pickle=" not in line and "unsafely" not in line
+
+
+def test_calibration_tokens_go_through_the_same_loader(tiny, tmp_path):
+    from moe_local.quant.calibration import calibrate
+
+    for name, found in _bad_token_files(tmp_path).items():
+        with pytest.raises(MoeLocalError, match=found) as exc:
+            calibrate(tiny[0], tmp_path / name, max_tokens=16)
+        assert str(tmp_path / name) in str(exc.value) and "allow_pickle" not in str(exc.value)
+
+
 def test_deepseek_style_fp8_source_is_dequantized_while_streaming(tiny, tmp_path):
     """Expert weights stored as float8_e4m3fn + 128x128 `weight_scale_inv` blocks (the DeepSeek-V3 release)."""
     src = tmp_path / "fp8"

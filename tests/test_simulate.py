@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from moe_local.cache.simulate import parse_bytes, parse_sizes, select_steps, simulate
+from moe_local.cache.simulate import parse_sizes, select_steps, simulate
+from moe_local.cache.budget import parse_size
 from moe_local.cache.trace import TraceWriter, read_trace
 from moe_local.cli.app import app
 from moe_local.errors import MoeLocalError
@@ -162,9 +163,54 @@ def test_parse_sizes_and_bytes(tmp_path):
     assert parse_sizes("4,25%,3/layer,4", tr) == [2, 4, 6]
     with pytest.raises(MoeLocalError, match="bad cache size 'lots'"):
         parse_sizes("lots", tr)
-    assert parse_bytes("6GiB") == 6 << 30 and parse_bytes("512 MiB") == 512 << 20 and parse_bytes("4096") == 4096
-    with pytest.raises(MoeLocalError, match="bad size"):
-        parse_bytes("six gigs")
+
+
+@pytest.mark.parametrize("budget, slots", [("4000", 4), ("8KiB", 8), ("0.008MB", 8)])
+def test_simulate_budget_uses_the_shared_size_parser(tmp_path, budget, slots):
+    """--budget goes through budget.parse_size like --ram: same units (MB = 10^6, KiB = 2^10)."""
+    path = write_trace(tmp_path / "t.jsonl")
+    res = runner.invoke(app, ["simulate", str(path), "--policy", "lru", "--sizes", "4", "--json", "--budget", budget])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["recommendation"]["slots"] == slots
+
+
+@pytest.mark.parametrize("bad", ["12XB", "six gigs", "auto"])
+def test_simulate_budget_and_ram_refuse_a_bad_size_in_the_same_words(tmp_path, bad):
+    path = write_trace(tmp_path / "t.jsonl")
+    res = runner.invoke(app, ["simulate", str(path), "--budget", bad])
+    assert res.exit_code == 1
+    line = res.stderr.strip()
+    assert line.count("\n") == 0
+    assert f"--budget {bad!r} is not a size; write e.g. 6GiB, 512MiB, 1.5GB or a byte count" in line
+    with pytest.raises(MoeLocalError) as ram:
+        parse_size("12XB", "--ram")
+    assert str(ram.value).replace("--ram", "--budget").replace("'12XB'", repr(bad)) in line
+
+
+def test_prefetch_depth_deeper_than_the_trace_is_refused(tmp_path):
+    """The hand-made trace holds depth-1 predictions only: depth 2 or 3 would replay depth 1 under
+    another label, so both the function and the CLI refuse, naming the trace and the depths it holds."""
+    path = write_trace(tmp_path / "t.jsonl")
+    tr = read_trace(path)
+    assert simulate(tr, "lru", 4, prefetch_depth=1).prefetch.issued == 5
+    with pytest.raises(MoeLocalError, match=r"--prefetch-depth 3 needs .*depths 1\.\.3; this trace holds depth 1 only"):
+        simulate(tr, "lru", 4, prefetch_depth=3)
+    res = runner.invoke(app, ["simulate", str(path), "--prefetch-depth", "3"])
+    assert res.exit_code == 1
+    line = res.stderr.strip()
+    assert line.count("\n") == 0 and "t.jsonl" in line and "holds depth 1 only" in line
+
+
+def test_prefetch_depth_with_a_gap_is_refused(tmp_path):
+    """Depths 1 and 3 recorded, 2 missing: depth 3 cannot be replayed faithfully."""
+    path = tmp_path / "t.jsonl"
+    with TraceWriter(path, model="tiny", num_experts=4, top_k=2, moe_layers=[1, 2, 3], expert_bytes=1000) as w:
+        w.record(0, "decode", [[0, 1], [0, 1], [2, 3]], {1: [None, [0, 1], [2, 3]], 3: [None, None, [2, 3]]})
+    tr = read_trace(path)
+    assert tr.prediction_depths == [1, 3]
+    with pytest.raises(MoeLocalError, match="holds depth 1, 3 only"):
+        simulate(tr, "lru", 6, prefetch_depth=3)
+    simulate(tr, "lru", 6, prefetch_depth=1)
 
 
 def random_trace(path, rng: random.Random, n_layers: int, experts: int, top_k: int, n_tokens: int):
@@ -261,8 +307,10 @@ def test_prefetch_counters_balance(tmp_path_factory, seed, n_layers, top_k, n_to
     with TraceWriter(path, model="r", num_experts=experts, top_k=top_k, moe_layers=list(range(n_layers)),
                      expert_bytes=1) as w:
         for t in range(n_tokens):
-            pred = {d: [None] * d + [rng.sample(range(experts), top_k + 1) for _ in range(n_layers - d)]
-                    for d in (1, 2) if d < n_layers}
+            # every depth 1..2 recorded (a 2-layer model's depth 2 targets its last layer from before the first)
+            pred = {d: [None] * min(d, n_layers - 1)
+                    + [rng.sample(range(experts), top_k + 1) for _ in range(n_layers - min(d, n_layers - 1))]
+                    for d in (1, 2)}
             w.record(t, "decode", [rng.sample(range(experts), top_k) for _ in range(n_layers)], pred)
     tr = read_trace(path)
     slots = (top_k + extra) * (n_layers if per_layer else 1)

@@ -28,8 +28,13 @@ WORKSPACE_MIN = 256 * MiB  # activations, router/top-k temporaries, allocator fr
 SLOT_ALIGN = 4096  # every slot starts on a page, like every expert range in a pack
 
 
-def parse_size(text: str | int | float | None, flag: str = "--gpu-mem") -> int | None:
-    """'6GiB', '512 MiB', '1.5G', '4096' (bytes) -> bytes. None/''/'auto' -> None (use the default)."""
+def parse_size(text: str | int | float | None, flag: str = "--gpu-mem", *, allow_auto: bool = True) -> int | None:
+    """'6GiB', '512 MiB', '1.5G', '4096' (bytes) -> bytes. None/''/'auto' -> None (use the default).
+
+    The one size parser of the CLI (--gpu-mem, --ram, simulate --budget), so every flag accepts the
+    same units (GB = 10^9, GiB = 2^30) and refuses with the same words. allow_auto=False: a flag
+    with no default to fall back on, where ''/'auto' is refused like any other non-size.
+    """
     if text is None:
         return None
     if isinstance(text, (int, float)):
@@ -37,7 +42,7 @@ def parse_size(text: str | int | float | None, flag: str = "--gpu-mem") -> int |
             raise MoeLocalError(f"{flag} must not be negative, got {text}")
         return int(text)
     s = str(text).strip().lower().replace("_", "")
-    if s in ("", "auto"):
+    if s in ("", "auto") and allow_auto:
         return None
     m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([a-z]*)", s)
     if not m or m.group(2) not in _UNITS:
@@ -85,6 +90,21 @@ def module_bytes(model: torch.nn.Module) -> int:
     return total
 
 
+def planned_module_bytes(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """module_bytes of a model still on the meta device, once loaded in `dtype` (what `inspect` sees):
+    parameters named in the model's keep_fp32 stay float32 as models.load_weights keeps them, tied
+    weights count once, buffers keep their own dtype."""
+    keep_fp32 = getattr(model, "keep_fp32", ())
+    elem = torch.empty((), dtype=dtype).element_size()
+    total = 0
+    tied = getattr(getattr(model, "args", None), "tie_word_embeddings", False)  # tied only once loaded
+    for name, p in model.named_parameters():
+        if tied and name == "lm_head.weight":
+            continue
+        total += p.numel() * (4 if name.rsplit(".", 1)[-1] in keep_fp32 else elem)
+    return total + sum(b.numel() * b.element_size() for b in model.buffers())
+
+
 def kv_cache_bytes(model, context: int, dtype: torch.dtype) -> int:
     """KV-cache bytes for `context` tokens, measured by allocating each layer's cache on the meta device."""
     total = 0
@@ -102,6 +122,21 @@ def kv_cache_bytes(model, context: int, dtype: torch.dtype) -> int:
         finally:
             attn.cache = old
     return total
+
+
+def workspace_bytes(expanded_bytes: int) -> int:
+    """GPU reserve for activations and temporaries: 256 MiB + 2x the largest expanded projection."""
+    return WORKSPACE_MIN + 2 * int(expanded_bytes)
+
+
+def min_budget(*, slot_bytes: int, top_k: int, resident_bytes: int, kv_bytes: int = 0, expanded_bytes: int = 0,
+               cuda: bool = False) -> int:
+    """The smallest budget plan_budget accepts: on a CPU the --ram that holds the resident weights
+    (+ kv_bytes, which the CPU path passes as 0) and one layer's top-k expert slots; on CUDA the
+    --gpu-mem that holds resident weights + KV cache + workspace + one layer's top-k slots.
+    Shared by the budget check and `inspect`, so the minimum shown is the one enforced."""
+    fixed = resident_bytes + kv_bytes + (workspace_bytes(expanded_bytes) if cuda else 0)
+    return fixed + top_k * round_slot(slot_bytes)
 
 
 @dataclass
@@ -139,14 +174,15 @@ def plan_budget(
     kernel may materialise one); the workspace reserve is 256 MiB + 2x that.
     """
     slot = round_slot(slot_bytes)
-    workspace = WORKSPACE_MIN + 2 * int(expanded_bytes)
+    workspace = workspace_bytes(expanded_bytes)
     gpu_slots = 0
     if cuda:
         assert gpu_budget is not None
         fixed = resident_bytes + kv_bytes + workspace
         gpu_slots = max(0, (gpu_budget - fixed) // slot)
         if gpu_slots < top_k:
-            need = fixed + top_k * slot
+            need = min_budget(slot_bytes=slot, top_k=top_k, resident_bytes=resident_bytes, kv_bytes=kv_bytes,
+                              expanded_bytes=expanded_bytes, cuda=True)
             raise MoeLocalError(
                 f"--gpu-mem {human(gpu_budget)} is too small: resident weights {human(resident_bytes)} + KV cache "
                 f"{human(kv_bytes)} + workspace {human(workspace)} + one layer's top-{top_k} experts "
@@ -160,7 +196,8 @@ def plan_budget(
         host_min = top_k
     host_slots = max(0, (ram_budget - host_fixed) // slot)
     if host_slots < host_min:
-        need = host_fixed + host_min * slot
+        # on CUDA the RAM tier only stages one layer's transfers: no resident weights there
+        need = min_budget(slot_bytes=slot, top_k=host_min, resident_bytes=host_fixed)
         # kv_bytes is 0 on a CPU (the KV cache is not part of the slot budget there): do not print "KV cache 0 B"
         kv = f"KV cache {human(kv_bytes)} + " if kv_bytes else ""
         what = "" if cuda else f"resident weights {human(resident_bytes)} + {kv}"

@@ -104,7 +104,9 @@ def build_tiered(options: CacheOptions, source, model, device: torch.device, dty
                               src.max_expert_nbytes())
     return TieredExperts(
         src, top_k=top_k, host_slots=plan.host_slots, gpu_slots=plan.gpu_slots, act=args.hidden_act,
-        device=device, dtype=dtype, policy=options.policy, future=future, predictor=predictor,
+        device=device, dtype=dtype, policy=options.policy, future=future,
+        future_label=f"--belady-trace {options.belady_trace}" if options.belady_trace is not None else None,
+        predictor=predictor,
         miss=options.miss, io_threads=options.io_threads, trace=trace, plan=plan,
         record_accesses=options.record_accesses,
     )

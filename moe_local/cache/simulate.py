@@ -147,6 +147,30 @@ def demand_sequence(trace: Trace, steps: Sequence[Step], layer_index: int | None
     return seq
 
 
+def step_prediction_depths(steps: Sequence[Step]) -> list[int]:
+    """Depths with at least one prediction in the replayed steps."""
+    return sorted({d for step in steps for d, v in step.predicted.items() if any(x is not None for x in v)})
+
+
+def check_prefetch_depth(trace: Trace, depth: int, steps: Sequence[Step] | None = None) -> None:
+    """Refuse a prefetch depth the trace has no predictions for.
+
+    Why: replaying depth D reads predicted[1..D]; a trace recorded at depth 1 has nothing at 2..D,
+    so the replay would silently give depth-1 numbers labelled depth D.
+    """
+    if depth <= 0:
+        return
+    held = step_prediction_depths(steps) if steps is not None else trace.prediction_depths
+    if not held:
+        raise MoeLocalError("--prefetch-depth needs router predictions in the trace ('predicted'), this one has none",
+                            trace.path)
+    missing = [d for d in range(1, depth + 1) if d not in held]
+    if missing:
+        raise MoeLocalError(
+            f"--prefetch-depth {depth} needs router predictions for depths 1..{depth}; this trace holds depth "
+            f"{', '.join(map(str, held))} only (record it with `generate --trace FILE --prefetch-depth {depth}`)", trace.path)
+
+
 def future_from_trace(path: str | Path) -> list[Key]:
     """The demand sequence a TieredExperts will produce for the run a trace recorded -- what
     `--policy belady` needs as its future. The provider demands, per MoE layer call, the sorted
@@ -177,9 +201,7 @@ def simulate(
         raise MoeLocalError(
             f"cache of {slots} slots gives {cap} {unit}; a layer needs {minimum} slots at once"
         )
-    if prefetch_depth > 0 and not any(step.predicted for step in steps):
-        raise MoeLocalError("--prefetch-depth needs router predictions in the trace ('predicted'), this one has none",
-                            trace.path)
+    check_prefetch_depth(trace, prefetch_depth, steps)
     belady = policy == "belady"
     if per_layer:
         caches = [_Cache(policy, cap, demand_sequence(trace, steps, i) if belady else None) for i in range(n)]
@@ -273,7 +295,6 @@ def simulate(
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(%|/layer)?\s*$")
-_BYTES = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 
 
 def parse_sizes(spec: str, trace: Trace) -> list[int]:
@@ -303,16 +324,6 @@ def parse_sizes(spec: str, trace: Trace) -> list[int]:
     if not out:
         raise MoeLocalError("--sizes is empty")
     return sorted(set(out))
-
-
-def parse_bytes(text: str) -> int:
-    """'6GiB', '512MiB', '1.5GB', '4096' -> bytes (binary units for both GiB and GB: a budget, not a label)."""
-    m = _BYTES.match(text)
-    if not m:
-        raise MoeLocalError(f"bad size {text!r}: use e.g. 6GiB, 512MiB or a byte count")
-    value, unit = float(m.group(1)), (m.group(2) or "b").lower()
-    scale = {"b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[unit[0]]
-    return int(value * scale)
 
 
 def parse_policies(spec: str) -> list[str]:

@@ -30,6 +30,7 @@ GPU machine and are not exercised by CPU-only CI (tests marked `gpu`).
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -76,6 +77,37 @@ class _Run:
     issued: set = field(default_factory=set)  # demand transfers started by this call (always misses)
 
 
+class FutureCheck:
+    """Compares the run's demanded experts with the future `--policy belady` evicts by; warns once.
+
+    Why: belady only decides eviction, so a trace of another prompt (or a run longer than the
+    recording) still gives correct tokens -- but with a wrong future, silently. Like llama.cpp on a
+    mismatched but usable input, we say so once on stderr and carry on. The demand order is the one
+    `future_from_trace` produces: per layer call, the sorted distinct experts of the pass.
+    """
+
+    def __init__(self, future: Sequence[Key], label: str | None = None) -> None:
+        self.future = list(future)
+        self.label = label or "the belady future"
+        self.pos = 0
+        self.warned = False
+
+    def demand(self, keys: Sequence[Key]) -> None:
+        if self.warned:
+            return
+        start, self.pos = self.pos, self.pos + len(keys)
+        expected = self.future[start:self.pos]
+        if list(keys) == expected:
+            return
+        self.warned = True
+        if len(expected) < len(keys):
+            what = f"the run went past the {len(self.future):,} expert uses it recorded"
+        else:
+            what = f"at expert use {start:,} the run demanded {list(keys)}, the trace has {expected}"
+        sys.stderr.write(f"warning: {self.label} does not match this run ({what}); belady now evicts by a wrong "
+                         "future: tokens are unaffected, hit rates are not the optimum\n")
+
+
 class CpuExpert:
     """An expert computed on the CPU from its RAM copy (`--miss cpu`): x moves, the weights do not."""
 
@@ -101,6 +133,7 @@ class TieredExperts:
         dtype: torch.dtype | None = None,
         policy: str = "lru",
         future: Sequence[Key] | None = None,
+        future_label: str | None = None,
         predictor: RouterLookahead | None = None,
         miss: str = "transfer",
         io_threads: int = 4,
@@ -131,6 +164,8 @@ class TieredExperts:
         self.predictor = predictor
         self.trace = trace
         self.access_log: list[Key] | None = [] if record_accesses else None
+        # future_label: what to call the future in the mismatch warning (e.g. "--belady-trace FILE")
+        self.future_check = FutureCheck(future, future_label) if policy == "belady" and future is not None else None
         self.stats = CacheStats()
         cpu = torch.device("cpu")
         self.host = Tier("ram", allocate_slab(host_slots, self.slot_bytes, cpu, pin=self.cuda),
@@ -172,6 +207,8 @@ class TieredExperts:
             self.trace.layer(layer, ids.tolist())
         self._reap()
         keys = [(layer, e) for e in torch.unique(ids).tolist()]
+        if self.future_check is not None:
+            self.future_check.demand(keys)
         need = set(keys)
         tier = self.compute
         run = _Run(layer, stream=len(keys) > tier.capacity, cpu_miss=self._cpu_for_misses(T))

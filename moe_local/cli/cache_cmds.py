@@ -50,7 +50,7 @@ def simulate_cmd(
     prefetch_depth: Annotated[int, typer.Option("--prefetch-depth", min=0,
                                                 help="Also replay router-lookahead prefetch 1..D layers ahead.")] = 0,
     budget: Annotated[Optional[str], typer.Option("--budget", help="Recommend a policy + prefetch depth for this "
-                                                  "many bytes of expert cache (e.g. 6GiB), trying every policy "
+                                                  "many bytes of expert cache (e.g. 6GiB; GB = 10^9 bytes), trying every policy "
                                                   "and every prefetch depth the trace has predictions for.")] = None,
     per_layer: Annotated[bool, typer.Option("--per-layer", help="One cache per MoE layer (size split evenly) "
                                             "instead of one global budget.")] = False,
@@ -59,8 +59,10 @@ def simulate_cmd(
 ) -> None:
     """Replay a routing trace through cache policies and sizes; compare with the Belady optimum."""
     from moe_local.cache.simulate import (
-        budget_slots, min_slots, parse_bytes, parse_policies, parse_sizes, recommend, select_steps, simulate,
+        budget_slots, check_prefetch_depth, min_slots, parse_policies, parse_sizes, recommend, select_steps,
+        simulate, step_prediction_depths,
     )
+    from moe_local.cache.budget import parse_size
     from moe_local.cache.trace import read_trace
 
     trace = read_trace(trace_file)
@@ -74,10 +76,11 @@ def simulate_cmd(
             unit = f"{trace.top_k} per layer x {len(trace.moe_layers)} layers" if per_layer else "one layer's top_k"
             raise MoeLocalError(f"--sizes {slot_list[0]} is too small: a layer needs {trace.top_k} slots at once, "
                                 f"so the minimum is {need} ({unit})")
-    budget_bytes = parse_bytes(budget) if budget is not None else None
+    budget_bytes = parse_size(budget, "--budget", allow_auto=False)
     if budget_bytes is not None:
         budget_slots(trace, budget_bytes, per_layer=per_layer)  # fail before replaying anything
     steps = select_steps(trace, include_prefill)
+    check_prefetch_depth(trace, prefetch_depth, steps)  # fail before replaying anything
     n_layers = len(trace.moe_layers)
     depths = [0] + ([prefetch_depth] if prefetch_depth > 0 else [])
     runs = [(name, slots, d) for slots in slot_list for name in names for d in depths
@@ -91,7 +94,8 @@ def simulate_cmd(
             results.append(simulate(trace, name, slots, per_layer=per_layer, prefetch_depth=d, steps=steps))
             bar.advance(task)
         if budget_bytes is not None:
-            rec_depths = range(0, max([prefetch_depth, *trace.prediction_depths]) + 1)
+            held = step_prediction_depths(steps)  # only depths with predictions for every level 1..d
+            rec_depths = [d for d in range(0, max(held, default=0) + 1) if all(x in held for x in range(1, d + 1))]
             online = [n for n in names if n != "belady"] or ["lru", "lfu-aging", "arc"]
             n_rec = len(online) * len(rec_depths) + 1
             task2 = bar.add_task("recommending", total=n_rec)

@@ -35,7 +35,7 @@ def quantize_cmd(
     revision: Annotated[Optional[str], typer.Option("--revision", help="Hub revision of SRC.")] = None,
 ) -> None:
     """Quantize a checkpoint's routed experts into a memory-mapped pack (streamed, verified, atomic)."""
-    from moe_local.inspect import human_bytes
+    from moe_local.inspect import human_bytes, pack_size_text
     from moe_local.quant.quantize import quantize
     from moe_local.quant.recipes import build_recipe
 
@@ -45,7 +45,8 @@ def quantize_cmd(
     if dry_run:
         return
     err.print(
-        f"wrote {result.out}: {human_bytes(result.pack_bytes)}, routed experts at {result.expert_bits_per_weight:.3f} bits/weight\n"
+        f"wrote {result.out}: {pack_size_text(result.weight_bytes, result.other_bytes)}; "
+        f"routed experts at {result.expert_bits_per_weight:.3f} bits/weight\n"
         f"read {human_bytes(result.source_bytes)} of source tensors in {result.seconds:.2f} s "
         f"({result.gbps:.3f} GB/s); total {result.total_seconds:.2f} s incl. verification; "
         f"peak RSS {human_bytes(result.peak_rss)} (at start {human_bytes(result.rss_before)}; "

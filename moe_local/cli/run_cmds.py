@@ -437,7 +437,9 @@ def inspect_cmd(
         ("bytes per expert", f"{human_bytes(s.bytes_per_expert)} ({s.checkpoint_dtype})"),
         (f"KV cache per token ({s.run_dtype})", human_bytes(s.kv_bytes_per_token)),
         (f"memory, all resident ({s.run_dtype})", human_bytes(s.memory_all_resident)),
-        (f"memory, min with expert offload ({s.run_dtype})", human_bytes(s.memory_min_offload)),
+        (f"min --ram, offload ({s.run_dtype})",
+         f"{human_bytes(s.memory_min_offload)} (CPU expert offload: resident weights + one layer's "
+         f"top-{s.top_k} experts, the budget check's minimum; KV cache not included)"),
     ]
     if s.pack is not None:  # packed experts: the memory figures keep them packed
         rows[-4:-3] = [("largest expert", f"{human_bytes(s.bytes_per_expert)} (packed)")]

@@ -287,6 +287,34 @@ def read_st_header(path: Path) -> tuple[int, dict]:
 
 
 # --------------------------------------------------------------------------- reading
+@dataclass(frozen=True)
+class PackSize:
+    """A pack's bytes on disk, split the way every report states them (dry run, quantize, inspect).
+
+    weight_bytes: the .safetensors files -- tensors plus their headers and alignment padding;
+    other_bytes: the manifest and the config/tokenizer files copied from the source.
+    """
+
+    weight_bytes: int
+    other_bytes: int
+
+    @property
+    def total(self) -> int:
+        return self.weight_bytes + self.other_bytes
+
+
+def pack_size(root: str | Path) -> PackSize:
+    """Measure a written pack folder: every regular file in it, nothing else."""
+    weights = other = 0
+    for f in Path(root).iterdir():
+        if f.is_file():
+            if f.suffix == ".safetensors":
+                weights += f.stat().st_size
+            else:
+                other += f.stat().st_size
+    return PackSize(weights, other)
+
+
 def is_pack(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
@@ -548,7 +576,7 @@ class Pack:
         per_layer = {layer: self.expert_nbytes(layer, 0) for layer in self.moe_layers}
         weights = sum(self.layouts[self.expert_range(l, 0).layout].weights() for l in self.moe_layers) * self.num_experts
         packed = sum(self.layouts[r.layout].packed_nbytes() for r in self._ranges.values())
-        files = [self.dense_path, *self.files]
+        size = pack_size(self.root)
         return {
             "format": FORMAT,
             "version": VERSION,
@@ -562,5 +590,7 @@ class Pack:
             "experts": len(self._ranges),
             "expert_files": [p.name for p in self.files],
             "expert_bits_per_weight": 8 * packed / max(weights, 1),
-            "pack_bytes": sum(p.stat().st_size for p in files) + self.manifest_path.stat().st_size,
+            "pack_bytes": size.total,  # every file in the folder, as the quantize summary reports it
+            "weight_bytes": size.weight_bytes,
+            "other_bytes": size.other_bytes,
         }

@@ -32,14 +32,14 @@ from rich.table import Table
 
 from moe_local import __version__
 from moe_local.errors import CheckpointError, MoeLocalError
-from moe_local.inspect import human_bytes, layer_ranges
+from moe_local.inspect import human_bytes, layer_ranges, pack_size_text
 from moe_local.loading.checkpoint import Checkpoint
 from moe_local.loading.hf_experts import CheckpointExperts
 from moe_local.loading.hub import resolve_model_dir
 from moe_local.models import build_model
 from moe_local.models.base import CausalLM
 from moe_local.quant.pack import (ALIGN, COPIED_FILES, DENSE_FILE, EXPERT_FILE, FORMAT, MANIFEST, PROJECTIONS,
-                                  VERSION, ExpertLayout, Pack, SafetensorsPlan, SafetensorsWriter, crc32, is_pack,
+                                  VERSION, ExpertLayout, Pack, SafetensorsPlan, SafetensorsWriter, crc32, is_pack, pack_size,
                                   numel, plan_expert_layout, tensor_bytes)
 from moe_local.quant.recipes import Recipe, SchemeSpec, scheme_spec
 
@@ -225,9 +225,15 @@ def plan_table(plan: Plan) -> Table:
     return table
 
 
-def plan_summary(plan: Plan) -> dict:
+def plan_summary(plan: Plan, ref: str | None = None) -> dict:
+    """The sizes a dry run predicts, measured the way `pack_size` measures a written pack:
+    weight files (tensors + safetensors headers + alignment padding) and the other files (the
+    manifest, estimated from the plan, and the config/tokenizer files copied as they are)."""
     sizes = plan.file_sizes()
     experts_bytes = sum(v for k, v in sizes.items() if k != DENSE_FILE)
+    weight_bytes = sum(sizes.values())
+    copied = sum((plan.src / f).stat().st_size for f in COPIED_FILES if (plan.src / f).is_file())
+    manifest = _manifest_estimate(plan, str(plan.src) if ref is None else ref)
     return {
         "experts": len(plan.moe_layers) * plan.num_experts,
         "expert_bits_per_weight": 8 * plan.expert_packed_bytes() / plan.expert_weights(),
@@ -235,20 +241,23 @@ def plan_summary(plan: Plan) -> dict:
         "expert_bytes": experts_bytes,
         "dense_scheme": plan.recipe.dense,
         "dense_bytes": sizes[DENSE_FILE],
-        "pack_bytes": sum(sizes.values()),
+        "weight_bytes": weight_bytes,
+        "other_bytes": copied + manifest,
+        "pack_bytes": weight_bytes + copied + manifest,
         "source_bytes": plan.source_bytes,
     }
 
 
-def print_plan(plan: Plan, console: Console) -> None:
+def print_plan(plan: Plan, console: Console, ref: str | None = None) -> None:
     console.print(plan_table(plan))
-    s = plan_summary(plan)
+    s = plan_summary(plan, ref)
     console.print(
         f"routed experts: {s['experts']} in {s['expert_files']} file(s), {human_bytes(s['expert_bytes'])} "
         f"at {s['expert_bits_per_weight']:.3f} bits/weight (scales included)\n"
         f"non-expert weights ({s['dense_scheme']}): {human_bytes(s['dense_bytes'])}\n"
-        f"pack total: {human_bytes(s['pack_bytes'])}  (source tensors: {human_bytes(s['source_bytes'])}, "
-        f"{s['pack_bytes'] / max(s['source_bytes'], 1):.1%})"
+        f"pack total: {pack_size_text(s['weight_bytes'], s['other_bytes'], approx=True)}\n"
+        f"(source tensors: {human_bytes(s['source_bytes'])}; weight files are "
+        f"{s['weight_bytes'] / max(s['source_bytes'], 1):.1%} of them)"
     )
 
 
@@ -256,7 +265,9 @@ def print_plan(plan: Plan, console: Console) -> None:
 @dataclass
 class QuantizeReport:
     out: Path
-    pack_bytes: int
+    pack_bytes: int  # every file written: weight_bytes + other_bytes (pack.pack_size)
+    weight_bytes: int
+    other_bytes: int
     source_bytes: int
     seconds: float  # streaming read-quantize-write phase
     total_seconds: float
@@ -282,7 +293,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _source_info(ref: str, src: Path, plan: Plan) -> dict:
+def _source_info(ref: str, src: Path, plan: Plan, hash_files: bool = True) -> dict:
     files = {p.name for p in (plan.ckpt.file_of(d.name) for d in plan.dense)}
     for layer in plan.moe_layers:
         files |= {plan.ckpt.file_of(n).name for n in plan.experts.tensor_names(layer, 0)}
@@ -292,7 +303,8 @@ def _source_info(ref: str, src: Path, plan: Plan) -> dict:
         "ref": ref,
         "path": str(src.resolve()),
         "revision": revision,
-        "files": {f: {"bytes": (src / f).stat().st_size, "sha256": _sha256(src / f)} for f in sorted(files)},
+        "files": {f: {"bytes": (src / f).stat().st_size, "sha256": _sha256(src / f) if hash_files else "0" * 64}
+                  for f in sorted(files)},
     }
 
 
@@ -460,7 +472,7 @@ def quantize(
         _check_out(src, out, force)
     plan = make_plan(src, recipe, shard_bytes)
     if dry_run:
-        print_plan(plan, console or Console())
+        print_plan(plan, console or Console(), str(src_ref))
         return plan
 
     calibration = None
@@ -495,10 +507,12 @@ def quantize(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    pack_bytes = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
+    size = pack_size(out)  # the same measure `inspect` reports
     return QuantizeReport(
         out=out,
-        pack_bytes=pack_bytes,
+        pack_bytes=size.total,
+        weight_bytes=size.weight_bytes,
+        other_bytes=size.other_bytes,
         source_bytes=plan.source_bytes,
         seconds=seconds,
         total_seconds=time.perf_counter() - t_start,
@@ -509,7 +523,21 @@ def quantize(
     )
 
 
-def _manifest(plan: Plan, ref: str, src: Path, ranges: list[dict], calibration) -> dict:
+def _manifest_estimate(plan: Plan, ref: str) -> int:
+    """Bytes of the manifest the run would write: the real one built from the plan, with the values
+    only writing gives (offsets, checksums, source hashes) at their widest. An upper bound within a
+    few bytes per expert; no tensor is read and no file hashed."""
+    ranges = [
+        {"layer": layer, "expert": e, "file": EXPERT_FILE.format(fidx + 1),
+         "offset": len(plan.expert_files[fidx].header({})) + start, "length": plan.layouts[plan.layout_of[layer]].nbytes,
+         "crc32": 0xFFFFFFFF, "layout": plan.layout_of[layer]}
+        for (layer, e), (fidx, start) in plan.placement.items()
+    ]
+    manifest = _manifest(plan, ref, plan.src, ranges, None, hash_files=False)
+    return len((json.dumps(manifest, indent=1) + "\n").encode("utf-8"))
+
+
+def _manifest(plan: Plan, ref: str, src: Path, ranges: list[dict], calibration, hash_files: bool = True) -> dict:
     dense_quantized = {
         d.name: {
             "scheme": d.scheme.name, "params": d.scheme.params, "shape": list(d.shape),
@@ -525,7 +553,7 @@ def _manifest(plan: Plan, ref: str, src: Path, ranges: list[dict], calibration) 
         "version": VERSION,
         "created_by": f"moe-local {__version__}",
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "source": _source_info(ref, src, plan),
+        "source": _source_info(ref, src, plan, hash_files),
         "model_type": plan.ckpt.config.get("model_type"),
         "recipe": recipe,
         "dense": {
