@@ -20,6 +20,7 @@ from typing import Any
 from rich.console import Console, Group
 from rich.table import Table
 
+from moe_local.cache.trace import check_format_marker
 from moe_local.errors import MoeLocalError
 
 REPORT_FORMAT = "moe-local-run-report"
@@ -39,12 +40,7 @@ def load_report(path: str | Path) -> dict:
         raise MoeLocalError("not a text file; expected a JSON run report", path) from None
     except json.JSONDecodeError as exc:
         raise MoeLocalError(f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}", path) from None
-    if not isinstance(report, dict) or report.get("format") != REPORT_FORMAT:
-        raise MoeLocalError(f'not a moe-local run report (expected "format": "{REPORT_FORMAT}")', path)
-    if report.get("version") != REPORT_VERSION:
-        raise MoeLocalError(
-            f"unsupported run report version {report.get('version')!r} (this moe-local reads {REPORT_VERSION})", path
-        )
+    check_format_marker(report, REPORT_FORMAT, REPORT_VERSION, "run report", path)
     for key in ("options", "tokens", "timings", "cache"):
         if key in report and not isinstance(report[key], dict):
             raise MoeLocalError(f"field {key!r} must be an object", path)

@@ -217,17 +217,22 @@ def _ids(value: object, num_experts: int, where: str, path: Path) -> list[int]:
     return value
 
 
+def check_format_marker(obj: object, fmt: str, version: int, kind: str, path: Path, where: str = "") -> None:
+    """The `"format"` / `"version"` pair every moe-local JSON file opens with (traces, run reports)."""
+    if not isinstance(obj, dict) or obj.get("format") != fmt:
+        raise MoeLocalError(f'{where}not a moe-local {kind} (expected "format": "{fmt}")', path)
+    if obj.get("version") != version:
+        raise MoeLocalError(
+            f"{where}unsupported {kind} version {obj.get('version')!r} (this moe-local reads {version})", path
+        )
+
+
 def _parse_header(line: str, path: Path) -> dict:
     try:
         header = json.loads(line)
     except json.JSONDecodeError as exc:
         raise MoeLocalError(f"line 1: not a moe-local trace header (invalid JSON: {exc.msg})", path) from None
-    if not isinstance(header, dict) or header.get("format") != TRACE_FORMAT:
-        raise MoeLocalError(f'line 1: not a moe-local trace (expected "format": "{TRACE_FORMAT}")', path)
-    if header.get("version") != TRACE_VERSION:
-        raise MoeLocalError(
-            f"line 1: unsupported trace version {header.get('version')!r} (this moe-local reads {TRACE_VERSION})", path
-        )
+    check_format_marker(header, TRACE_FORMAT, TRACE_VERSION, "trace", path, where="line 1: ")
     for key in ("num_experts", "top_k", "expert_bytes"):
         value = header.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "expert_bytes" else 1):
