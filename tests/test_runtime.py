@@ -258,14 +258,20 @@ def test_two_generators_on_one_model_do_not_share_stale_keys(session):
     assert a.generate(follow, opts).tokens == fresh.tokens
 
 
-def test_chat_turns_prefill_only_the_new_tokens(chat_model):
+def two_chat_turns(path):
+    """Two greedy 4-token chat turns; `steps` holds the forward steps of the second turn only."""
     steps: list[StepInfo] = []
-    session = Session.open(chat_model[0], device="cpu", dtype="float32", on_step=steps.append)
+    session = Session.open(path, device="cpu", dtype="float32", on_step=steps.append)
     chat = ChatSession(session)
     opts = GenerateOptions(GREEDY, max_tokens=4, ignore_eos=True)
     first = chat.reply("hello", opts).collect()
     steps.clear()
     second = chat.reply("again", opts).collect()
+    return session, steps, first, second
+
+
+def test_chat_turns_prefill_only_the_new_tokens(chat_model):
+    _, steps, first, second = two_chat_turns(chat_model[0])
     prefill = steps[0]
     assert prefill.phase == "prefill" and prefill.start > len(first.prompt_ids) // 2
     assert prefill.start + prefill.tokens == len(second.prompt_ids)
@@ -274,14 +280,8 @@ def test_chat_turns_prefill_only_the_new_tokens(chat_model):
 
 def test_chat_turn_timings_count_only_the_prefilled_tokens(chat_model):
     """A reused prefix is not prefilled: prompt tok/s must divide the new tokens only, or turn 2 reads 50x faster."""
-    steps: list[StepInfo] = []
-    session = Session.open(chat_model[0], device="cpu", dtype="float32", on_step=steps.append)
-    chat = ChatSession(session)
-    opts = GenerateOptions(GREEDY, max_tokens=4, ignore_eos=True)
-    first = chat.reply("hello", opts).collect()
+    session, steps, first, second = two_chat_turns(chat_model[0])
     assert first.timings.cached_tokens == 0
-    steps.clear()
-    second = chat.reply("again", opts).collect()
     t = second.timings
     assert t.cached_tokens == steps[0].start > 0 and t.prompt_tokens == len(second.prompt_ids)
     assert t.prompt_tps == pytest.approx(steps[0].tokens / t.prefill_s)
