@@ -3,7 +3,7 @@
 What it measures: the routed-expert part of batch-1 decode -- for every token and every MoE layer,
 `TieredExperts.forward` on the token's hidden state with that layer's top-k experts -- because that
 is the part the cache changes (attention, norms and the KV cache are resident and the same for
-every configuration). Experts are a full-size synthetic INT4 store (moe_local.quant's int4 scheme,
+every configuration). Experts are a full-size synthetic INT4 store (moe_local.formats' int4 scheme,
 group 64; random codes and scales), laid out like a pack (one 4096-aligned range per expert,
 CRC-32 checked on every read) and generated on the fly into a temporary directory that is deleted
 afterwards (never committed). Shapes:
@@ -82,7 +82,7 @@ class SyntheticInt4Store(FixedSizeBytes):
     """An ExpertBytesSource of random INT4 experts in one file: one aligned range per expert."""
 
     def __init__(self, directory: Path, shape: Shape, group_size: int = 64, progress=None, seed: int = 0) -> None:
-        from moe_local.quant.schemes import get_scheme
+        from moe_local.formats.schemes import get_scheme
 
         self.shape = shape
         self.scheme = get_scheme("int4", group_size=group_size)
@@ -149,7 +149,7 @@ class SyntheticInt4Store(FixedSizeBytes):
             raise CheckpointError(f"layer {layer} expert {expert}: checksum mismatch", self.path)
 
     def decode(self, buf: torch.Tensor, layer: int, expert: int) -> ExpertWeights:
-        from moe_local.quant.schemes import PackedWeight
+        from moe_local.formats.schemes import PackedWeight
 
         parts: dict[str, dict[str, torch.Tensor]] = {p: {} for p in self.proj_shapes}
         for proj, name, off, tshape, dtype, n in self.layout:

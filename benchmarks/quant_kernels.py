@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
-from moe_local.quant import get_scheme
-from moe_local.quant import kernels_triton
+from moe_local.formats import get_scheme
+from moe_local.formats import kernels_triton
 
 SCHEMES = [
     ("bf16", {}),

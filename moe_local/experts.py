@@ -6,7 +6,7 @@ Where an expert lives (resident tensors, a quantized pack in RAM, a slot in the 
 provider's business; what an expert *is* lives here:
 
 - `ExpertWeights`: the three projections of one SwiGLU expert. Each projection is either a plain
-  tensor `[out, in]` or a packed/quantized object with `.linear(x)` (see `moe_local.quant`), so the
+  tensor `[out, in]` or a packed/quantized object with `.linear(x)` (see `moe_local.formats`), so the
   same compute path serves bf16 experts and packed ones.
 - `ExpertSource`: where experts come from (a Hugging Face checkpoint, a pack); `load(layer, e)`.
 - `combine_experts`: the dispatch loop shared by every provider. It visits experts in ascending id
@@ -157,7 +157,7 @@ class ResidentExperts:
 class ExpertBytesSource(ExpertSource, Protocol):
     """Experts stored as one contiguous byte range each (a moe-local pack): what the tiered cache pages.
 
-    Implemented by the pack reader (moe_local.quant.pack). The cache copies `view(l, e)` (or
+    Implemented by the pack reader (moe_local.formats.pack). The cache copies `view(l, e)` (or
     `read_into`) into a slot of its own (pinned RAM, GPU) and then calls `decode(slot_bytes, l, e)`
     to get compute-ready packed weights that *view* that slot, expanded only inside their matmul.
     """

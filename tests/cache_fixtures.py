@@ -1,4 +1,4 @@
-"""Shared builders of the cache tests: tiny real packs (quantized with moe_local.quant from tiny
+"""Shared builders of the cache tests: tiny real packs (quantized with moe_local.convert from tiny
 transformers checkpoints, or from the shared trained model), provider factories with exact slot
 counts, a run helper, and the one-thread fixture.
 
@@ -40,8 +40,8 @@ def pack(tmp_path_factory) -> Path:
 
 def make_deepseek_pack(shared_model: Path, root: Path) -> Path:
     """The shared trained DeepSeek-V3-architecture model as an INT4 pack (layer 0 dense, 6 MoE layers)."""
-    from moe_local.quant.quantize import quantize
-    from moe_local.quant.recipes import build_recipe
+    from moe_local.convert.quantize import quantize
+    from moe_local.convert.recipes import build_recipe
 
     quantize(shared_model, root / "pack", build_recipe("int4"))
     return root / "pack"
@@ -53,8 +53,8 @@ def eval_ids(shared_model: Path, n: int) -> torch.Tensor:
 
 
 def make_mixtral_pack(root: Path, scheme: str = "int4") -> Path:
-    from moe_local.quant.quantize import quantize
-    from moe_local.quant.recipes import build_recipe
+    from moe_local.convert.quantize import quantize
+    from moe_local.convert.recipes import build_recipe
     from tests.test_mixtral import mixtral_config
     from tests.tiny import save_tiny
 

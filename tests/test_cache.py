@@ -15,7 +15,7 @@ from moe_local.cache.tiered import TieredExperts
 from moe_local.cache.tiers import SlotTable
 from moe_local.errors import MoeLocalError
 from moe_local.experts import ResidentExperts
-from moe_local.quant.pack import Pack
+from moe_local.formats.pack import Pack
 from moe_local.runtime.loader import load_model
 from moe_local.cache.prefetch import RouterLookahead
 from tests.cache_fixtures import (eval_ids, make_deepseek_pack, make_mixtral_pack, one_thread, pack,  # noqa: F401

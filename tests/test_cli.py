@@ -144,7 +144,7 @@ def test_inspect_min_offload_is_the_minimum_the_budget_check_accepts(model, tmp_
     """inspect's minimum is plan_budget's: --ram of exactly that loads on a CPU, one byte less is refused."""
     from moe_local.cache.options import CacheOptions, provider_factory
     from moe_local.errors import MoeLocalError
-    from moe_local.inspect import summarize
+    from moe_local.runtime.inspect import summarize
     from moe_local.runtime.loader import load_model
 
     pack = tmp_path / "pack"
@@ -164,7 +164,7 @@ def test_inspect_min_offload_is_the_minimum_the_budget_check_accepts(model, tmp_
 
 
 def test_inspect_a_pack_shows_schemes_per_group_and_bytes_per_expert(model, tmp_path):
-    from moe_local.quant.pack import Pack
+    from moe_local.formats.pack import Pack
 
     pack = tmp_path / "pack"
     r = runner.invoke(app, ["quantize", str(model[0]), str(pack), "--scheme", "int4", "--keep", "down_proj=int8"])

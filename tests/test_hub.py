@@ -24,7 +24,7 @@ from huggingface_hub import errors as hub_errors
 from typer.testing import CliRunner
 
 from moe_local.cli.app import app
-from moe_local.quant.pack import MANIFEST
+from moe_local.formats.pack import MANIFEST
 from tests.test_errors import assert_one_line_error
 from tests.tiny_tokenizer import save_chat_model
 

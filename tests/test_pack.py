@@ -14,9 +14,9 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from moe_local.errors import CheckpointError, MoeLocalError
-from moe_local.quant.pack import ALIGN, MANIFEST, Pack, read_st_header
-from moe_local.quant.quantize import quantize
-from moe_local.quant.recipes import build_recipe
+from moe_local.formats.pack import ALIGN, MANIFEST, Pack, read_st_header
+from moe_local.convert.quantize import quantize
+from moe_local.convert.recipes import build_recipe
 from moe_local.runtime.loader import load_model
 from tests.test_mixtral import fuse_experts, mixtral_config
 from tests.tiny import our_greedy, reference_logits, save_tiny
@@ -354,9 +354,9 @@ def test_dry_run_quantize_summary_and_inspect_agree_on_the_pack_size(tiny, tmp_p
     copied files + manifest from above by a few bytes; the quantize summary and inspect print the
     same measured total, in the same words."""
     from moe_local.cli.app import app
-    from moe_local.inspect import pack_size_text, summarize
-    from moe_local.quant.pack import pack_size
-    from moe_local.quant.quantize import make_plan, plan_summary
+    from moe_local.runtime.inspect import pack_size_text, summarize
+    from moe_local.formats.pack import pack_size
+    from moe_local.convert.quantize import make_plan, plan_summary
 
     src, _ = tiny
     out = tmp_path / "sized"
@@ -413,7 +413,7 @@ def test_cli_eval_refuses_a_non_npy_or_pickled_token_file_in_one_line(tiny, tmp_
 
 
 def test_calibration_tokens_go_through_the_same_loader(tiny, tmp_path):
-    from moe_local.quant.calibration import calibrate
+    from moe_local.convert.calibration import calibrate
 
     for name, found in _bad_token_files(tmp_path).items():
         with pytest.raises(MoeLocalError, match=found) as exc:

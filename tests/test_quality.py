@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 
-from moe_local.evaluate import evaluate, load_token_ids, window_logprobs
-from moe_local.quant.quantize import quantize
-from moe_local.quant.recipes import build_recipe
+from moe_local.runtime.evaluate import evaluate, load_token_ids, window_logprobs
+from moe_local.convert.quantize import quantize
+from moe_local.convert.recipes import build_recipe
 from moe_local.runtime.loader import load_model
 
 TOKENS = 2048

@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 
 from moe_local.errors import MoeLocalError
 from moe_local.experts import PackedLinear, project
-from moe_local.quant import SCHEMES, PackedWeight, get_scheme
-from moe_local.quant.schemes import base
-from moe_local.quant.schemes.bits import pack_nibbles, pack_trits, unpack_nibbles, unpack_trits
+from moe_local.formats import SCHEMES, PackedWeight, get_scheme
+from moe_local.formats.schemes import base
+from moe_local.formats.schemes.bits import pack_nibbles, pack_trits, unpack_nibbles, unpack_trits
 
 FAST = settings(max_examples=25, deadline=None)
 
@@ -362,7 +362,7 @@ def test_cuda_linear_matches_cpu_reference(s):
 @pytest.mark.parametrize("in_f", [4096, 1000, 333, 64])  # 64: narrower than g128, one group per row
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_triton_gemv_matches_reference(name, g, in_f, dtype, monkeypatch):
-    from moe_local.quant import kernels_triton
+    from moe_local.formats import kernels_triton
 
     if not kernels_triton.HAVE_TRITON:
         pytest.skip("triton not installed")
@@ -404,7 +404,7 @@ INTERPRETER_CASES = [  # (scheme, group_size, (out, in)): odd out sizes, several
 def interpreted_triton(monkeypatch):
     """kernels_triton with the fused path switched on, and a list that records each fused call
     (the real kernel still runs): skips unless Triton's CPU interpreter built the kernels."""
-    from moe_local.quant import kernels_triton
+    from moe_local.formats import kernels_triton
 
     if not kernels_triton.HAVE_TRITON:
         pytest.skip("triton is not installed (CI has none); run with Triton and TRITON_INTERPRET=1")
@@ -502,7 +502,7 @@ COMPILE_FOR_SM90 = """
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from moe_local.quant import kernels_triton as kt
+from moe_local.formats import kernels_triton as kt
 
 types = {"codes_ptr": "*u8", "zeros_ptr": "*u8", "out_ptr": "*fp32", "N": "i32", "K": "i32", "KB": "i32", "NG": "i32"}
 consts = {"GROUP": 64, "BLOCK_N": kt.BLOCK_N, "BLOCK_KB": kt.BLOCK_KB}
@@ -520,7 +520,7 @@ def test_fused_triton_gemv_compiles_for_cuda_without_a_gpu():
     """Lower both kernels all the way to sm_90 cubins (Triton's own ptxas, no device needed):
     catches type and lowering errors the CPU interpreter cannot see. In a fresh interpreter
     without TRITON_INTERPRET: the interpreter patches triton.language for the whole process."""
-    from moe_local.quant import kernels_triton
+    from moe_local.formats import kernels_triton
 
     if not kernels_triton.HAVE_TRITON:
         pytest.skip("triton is not installed (CI has none)")

@@ -1,6 +1,6 @@
 """ExpertBytesSource adapters for expert stores that are not moe-local packs.
 
-The tiered cache pages *byte ranges*. A pack (moe_local.quant.pack) already stores every expert as
+The tiered cache pages *byte ranges*. A pack (moe_local.formats.pack) already stores every expert as
 one aligned range. These adapters give the same view of other stores so that the cache also runs on
 a plain Hugging Face checkpoint (`CheckpointBytes`: each expert's tensors serialised back to back on
 the fly) and so that tests and benchmarks can build a minimal expert file with checksums

@@ -1,4 +1,4 @@
-"""`quantize` and `eval`: parse options, call moe_local.quant.quantize / moe_local.evaluate, render."""
+"""`quantize` and `eval`: parse options, call moe_local.convert.quantize / moe_local.runtime.evaluate, render."""
 
 from __future__ import annotations
 
@@ -35,9 +35,9 @@ def quantize_cmd(
     revision: Annotated[Optional[str], typer.Option("--revision", help="Hub revision of SRC.")] = None,
 ) -> None:
     """Quantize a checkpoint's routed experts into a memory-mapped pack (streamed, verified, atomic)."""
-    from moe_local.inspect import human_bytes, pack_size_text
-    from moe_local.quant.quantize import quantize
-    from moe_local.quant.recipes import build_recipe
+    from moe_local.runtime.inspect import human_bytes, pack_size_text
+    from moe_local.convert.quantize import quantize
+    from moe_local.convert.recipes import build_recipe
 
     recipe = build_recipe(scheme, group_size, keep, layers, dense)
     result = quantize(src, out_dir, recipe, calibration_path=calibration, calibration_tokens=calibration_tokens,
@@ -67,7 +67,7 @@ def eval_cmd(
 ) -> None:
     """Perplexity on a token file; with --reference, KL(reference || model) and top-1 agreement."""
     from moe_local.errors import MoeLocalError
-    from moe_local.evaluate import evaluate, load_token_ids, windows
+    from moe_local.runtime.evaluate import evaluate, load_token_ids, windows
     from moe_local.runtime.loader import DTYPES, load_model
 
     if dtype is not None and dtype not in DTYPES:

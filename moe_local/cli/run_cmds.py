@@ -413,7 +413,7 @@ def inspect_cmd(
     """Family, experts, parameters and the memory a run needs, from config and headers (no weights read).
 
     On a pack: also the scheme of every tensor group and the bytes of one expert per MoE layer."""
-    from moe_local.inspect import RUN_DTYPE_BYTES, human_bytes, human_count, pack_rows, summarize
+    from moe_local.runtime.inspect import RUN_DTYPE_BYTES, human_bytes, human_count, pack_rows, summarize
 
     if dtype not in RUN_DTYPE_BYTES:
         raise MoeLocalError(f"--dtype must be one of {', '.join(RUN_DTYPE_BYTES)}, got {dtype!r}")

@@ -59,15 +59,15 @@ class LoadedModel:
 
 
 def open_weights(root: Path):
-    """A Checkpoint for a Hugging Face folder; a pack reader for a moe-local pack (see moe_local.quant.pack)."""
-    from moe_local.quant.pack import Pack, is_pack
+    """A Checkpoint for a Hugging Face folder; a pack reader for a moe-local pack (see moe_local.formats.pack)."""
+    from moe_local.formats.pack import Pack, is_pack
 
     return Pack(root) if is_pack(root) else Checkpoint(root)
 
 
 def expert_source_for(weights, model: CausalLM) -> ExpertSource:
     """The pack itself (an ExpertBytesSource) for a pack; routed experts read from the checkpoint otherwise."""
-    from moe_local.quant.pack import Pack
+    from moe_local.formats.pack import Pack
 
     a = model.args
     if isinstance(weights, Pack):

@@ -32,16 +32,16 @@ from rich.table import Table
 
 from moe_local import __version__
 from moe_local.errors import CheckpointError, MoeLocalError
-from moe_local.inspect import human_bytes, layer_ranges, pack_size_text
+from moe_local.runtime.inspect import human_bytes, layer_ranges, pack_size_text
 from moe_local.loading.checkpoint import Checkpoint
 from moe_local.loading.hf_experts import CheckpointExperts
 from moe_local.loading.hub import resolve_model_dir
 from moe_local.models import build_model
 from moe_local.models.base import CausalLM
-from moe_local.quant.pack import (ALIGN, COPIED_FILES, DENSE_FILE, EXPERT_FILE, FORMAT, MANIFEST, PROJECTIONS,
+from moe_local.formats.pack import (ALIGN, COPIED_FILES, DENSE_FILE, EXPERT_FILE, FORMAT, MANIFEST, PROJECTIONS,
                                   VERSION, ExpertLayout, Pack, SafetensorsPlan, SafetensorsWriter, crc32, is_pack, pack_size,
                                   numel, plan_expert_layout, tensor_bytes)
-from moe_local.quant.recipes import Recipe, SchemeSpec, scheme_spec
+from moe_local.convert.recipes import Recipe, SchemeSpec, scheme_spec
 
 SHARD_BYTES = 4 << 30  # experts per file up to this size (one expert never spans two files)
 ST_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
@@ -484,7 +484,7 @@ def quantize(
     try:
         with _progress(console) as progress:
             if calibration_path is not None:
-                from moe_local.quant.calibration import calibrate
+                from moe_local.convert.calibration import calibrate
 
                 ctask = progress.add_task("calibrating", total=None, done=0, of="?", unit="tokens")
                 calibration = calibrate(src, calibration_path, calibration_tokens,

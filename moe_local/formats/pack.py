@@ -534,14 +534,14 @@ class Pack:
         key = name + json.dumps(params, sort_keys=True)
         scheme = self._schemes.get(key)
         if scheme is None:
-            from moe_local.quant.schemes import get_scheme
+            from moe_local.formats.schemes import get_scheme
 
             scheme = self._schemes[key] = get_scheme(name, **params)
         return scheme
 
     def decode(self, buf: torch.Tensor, layer: int, expert: int) -> ExpertWeights:
         """Compute-ready packed weights that view `buf` (uint8, any device) in place: no copy."""
-        from moe_local.quant.schemes import PackedWeight
+        from moe_local.formats.schemes import PackedWeight
 
         r = self.expert_range(layer, expert)
         layout = self.layouts[r.layout]

@@ -43,7 +43,7 @@ class SchemeSpec:
         return json.loads(self.params_json)
 
     def build(self):
-        from moe_local.quant.schemes import get_scheme
+        from moe_local.formats.schemes import get_scheme
 
         return get_scheme(self.name, **self.params)
 
@@ -54,7 +54,7 @@ class SchemeSpec:
 
 def scheme_spec(name: str, group_size: int | None = None) -> SchemeSpec:
     """`int4` or `int4:128` -> SchemeSpec, checking the name (and group size) against the registry."""
-    from moe_local.quant.schemes import get_scheme
+    from moe_local.formats.schemes import get_scheme
 
     base, _, group = name.partition(":")
     base = base.strip()

@@ -28,12 +28,12 @@ from typing import Any
 import torch
 
 from moe_local.errors import MoeLocalError
-from moe_local.quant.schemes.base import Scheme, TensorSpecs
-from moe_local.quant.schemes.floats import BF16, FP16, FP32
-from moe_local.quant.schemes.int4 import Int4
-from moe_local.quant.schemes.int8 import Int8
-from moe_local.quant.schemes.nf4 import NF4
-from moe_local.quant.schemes.ternary import Ternary, TernaryAbsmean
+from moe_local.formats.schemes.base import Scheme, TensorSpecs
+from moe_local.formats.schemes.floats import BF16, FP16, FP32
+from moe_local.formats.schemes.int4 import Int4
+from moe_local.formats.schemes.int8 import Int8
+from moe_local.formats.schemes.nf4 import NF4
+from moe_local.formats.schemes.ternary import Ternary, TernaryAbsmean
 
 SCHEMES: dict[str, type[Scheme]] = {
     cls.name: cls for cls in (BF16, FP16, FP32, Int8, Int4, NF4, Ternary, TernaryAbsmean)

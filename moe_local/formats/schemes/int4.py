@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import torch
 
-from moe_local.quant import kernels_torch, kernels_triton
-from moe_local.quant.schemes import base
-from moe_local.quant.schemes.base import NibbleScheme, TensorSpecs, grouped, safe_div, store_scales
-from moe_local.quant.schemes.bits import pack_nibbles
+from moe_local.formats import kernels_torch, kernels_triton
+from moe_local.formats.schemes import base
+from moe_local.formats.schemes.base import NibbleScheme, TensorSpecs, grouped, safe_div, store_scales
+from moe_local.formats.schemes.bits import pack_nibbles
 
 
 class Int4(NibbleScheme):

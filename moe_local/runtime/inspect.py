@@ -4,7 +4,7 @@ Nothing here reads tensor data: the model is built on the meta device (shapes on
 non-expert parameters and size the KV cache, and the shards' JSON headers give the stored dtypes
 and bytes. So `moe-local inspect` answers "will this fit?" in a second, even for a 600 GB model.
 
-A pack folder (moe_local.quant.pack) is described from its manifest instead: the scheme of every
+A pack folder (moe_local.formats.pack) is described from its manifest instead: the scheme of every
 tensor group, the bytes of one expert per MoE layer, and memory figures in which the routed
 experts stay packed (that is how the runtime holds them).
 """
@@ -21,7 +21,7 @@ from moe_local.cache.budget import min_budget, planned_module_bytes
 from moe_local.errors import CheckpointError
 from moe_local.loading.checkpoint import Checkpoint
 from moe_local.loading.hub import resolve_model_dir
-from moe_local.quant.pack import Pack, is_pack, read_st_header
+from moe_local.formats.pack import Pack, is_pack, read_st_header
 from moe_local.runtime.loader import build_model_for
 
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
@@ -108,7 +108,7 @@ def summarize(ref: str | Path, run_dtype: str = "bfloat16") -> ModelSummary:
 
 def _pack_groups(groups: list[dict]) -> list[dict]:
     """describe()'s groups plus the group size each one really uses (narrow rows shrink it)."""
-    from moe_local.quant.schemes import get_scheme
+    from moe_local.formats.schemes import get_scheme
 
     out = []
     for g in groups:

@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from moe_local.evaluate import DEFAULT_WINDOW, load_token_ids, windows
+from moe_local.runtime.evaluate import DEFAULT_WINDOW, load_token_ids, windows
 from moe_local.experts import ACTIVATIONS, ExpertSource, combine_experts, project
 
 

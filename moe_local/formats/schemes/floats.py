@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_local.errors import MoeLocalError
-from moe_local.quant.schemes.base import Scheme, TensorSpecs, check_weight
+from moe_local.formats.schemes.base import Scheme, TensorSpecs, check_weight
 
 
 class FloatScheme(Scheme):

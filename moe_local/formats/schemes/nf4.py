@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from moe_local.quant import kernels_torch
-from moe_local.quant.schemes.base import NibbleScheme, grouped, safe_div, store_scales
-from moe_local.quant.schemes.bits import NF4_LEVELS, pack_nibbles
+from moe_local.formats import kernels_torch
+from moe_local.formats.schemes.base import NibbleScheme, grouped, safe_div, store_scales
+from moe_local.formats.schemes.bits import NF4_LEVELS, pack_nibbles
 
 
 def nf4_levels(device: torch.device | str = "cpu") -> torch.Tensor:

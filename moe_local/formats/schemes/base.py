@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_local.errors import MoeLocalError
-from moe_local.quant.schemes.bits import unpack_nibbles
+from moe_local.formats.schemes.bits import unpack_nibbles
 
 TensorSpecs = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
@@ -144,7 +144,7 @@ class Scheme:
 
     def _expand(self, packed: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
         """float32 [out, in] for the kernel path: bit-identical to `dequantize`, possibly faster
-        (schemes override it with moe_local.quant.kernels_torch)."""
+        (schemes override it with moe_local.formats.kernels_torch)."""
         return self.dequantize(packed, shape)
 
     def __repr__(self) -> str:

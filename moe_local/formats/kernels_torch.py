@@ -19,7 +19,7 @@ from functools import lru_cache
 
 import torch
 
-from moe_local.quant.schemes.bits import NF4_LEVELS
+from moe_local.formats.schemes.bits import NF4_LEVELS
 
 
 @lru_cache(maxsize=None)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from moe_local.quant import kernels_torch
-from moe_local.quant.schemes.base import (
+from moe_local.formats import kernels_torch
+from moe_local.formats.schemes.base import (
     Scheme, TensorSpecs, check_group_size, check_scale_dtype, grouped, n_groups, safe_div,
     store_scales,
 )

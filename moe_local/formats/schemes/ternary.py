@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import torch
 
-from moe_local.quant import kernels_torch, kernels_triton
-from moe_local.quant.schemes.base import GroupedScheme, group_counts, grouped, n_groups, safe_div, store_scales
-from moe_local.quant.schemes.bits import pack_trits, trit_bytes, unpack_trits
+from moe_local.formats import kernels_torch, kernels_triton
+from moe_local.formats.schemes.base import GroupedScheme, group_counts, grouped, n_groups, safe_div, store_scales
+from moe_local.formats.schemes.bits import pack_trits, trit_bytes, unpack_trits
 
 
 def _pow2_normalise(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,1 @@
+"""Conversion: checkpoints to moe-local packs (quantize), calibration statistics and scheme recipes."""
