@@ -90,21 +90,6 @@ def module_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def planned_module_bytes(model: torch.nn.Module, dtype: torch.dtype) -> int:
-    """module_bytes of a model still on the meta device, once loaded in `dtype` (what `inspect` sees):
-    parameters named in the model's keep_fp32 stay float32 as models.load_weights keeps them, tied
-    weights count once, buffers keep their own dtype."""
-    keep_fp32 = getattr(model, "keep_fp32", ())
-    elem = torch.empty((), dtype=dtype).element_size()
-    total = 0
-    tied = getattr(getattr(model, "args", None), "tie_word_embeddings", False)  # tied only once loaded
-    for name, p in model.named_parameters():
-        if tied and name == "lm_head.weight":
-            continue
-        total += p.numel() * (4 if name.rsplit(".", 1)[-1] in keep_fp32 else elem)
-    return total + sum(b.numel() * b.element_size() for b in model.buffers())
-
-
 def kv_cache_bytes(model, context: int, dtype: torch.dtype) -> int:
     """KV-cache bytes for `context` tokens, measured by allocating each layer's cache on the meta device."""
     total = 0

@@ -1,9 +1,30 @@
 """The decoder-only transformer every family arranges: embeddings, N decoder layers, norm, LM head.
 
-A family (one short file each) subclasses `ModelArgs` to read its config.json keys and subclasses
-`CausalLM` to say which attention and which MLP each layer gets and how its experts are named.
-Parameter names equal checkpoint tensor names (`model.layers.3.self_attn.q_proj.weight`), with a
-family's `sanitize()` to bridge any difference, so loading is a name-for-name copy.
+A family is one short file that says three things:
+
+1. `Args` -- a `ModelArgs` subclass reading its config.json keys (`aliases` for keys that other
+   families spell differently, `is_moe_layer` for which layers route);
+2. `make_layer(i)` -- the attention and the MLP (dense `MLP`, or `SparseMoE` with a `Router`) of
+   layer i, from the blocks in `layers.py`;
+3. `checkpoint_map` -- a `CheckpointMap` (moe_local/loading/checkpoint_map.py) stating how the
+   checkpoint names its tensors. Parameter names equal checkpoint names
+   (`model.layers.3.self_attn.q_proj.weight`), so a map only states what differs from the defaults:
+
+       checkpoint_map = CheckpointMap(
+           experts="model.layers.{layer}.block_sparse_moe.experts",  # where layer L's routed experts are
+           projections=("w1", "w3", "w2"),                          # per-expert names of gate, up, down
+           keep_fp32=("e_score_correction_bias",),                  # loaded in float32 whatever the dtype
+           ignore_extra_layers=True,                                # layers past num_hidden_layers (MTP)
+       )
+
+   Loading (`models.load_weights`), quantizing (`convert.quantize`) and `inspect` all walk the model
+   through `models.weights`, which reads only this map: there is no other place that knows names.
+   Routed experts are never module parameters; `renames` bridges module names that differ from the
+   checkpoint's, `ignored` lists checkpoint tensors deliberately never read. `tests/test_families.py`
+   checks that a family's map accounts for every tensor of its checkpoints.
+
+Everything else (KV cache, rope tables, the router look-ahead the expert cache prefetches with) the
+family inherits from `CausalLM`.
 """
 
 from __future__ import annotations
@@ -15,7 +36,7 @@ import torch
 from torch import nn
 
 from moe_local.errors import ConfigError
-from moe_local.loading.hf_experts import ExpertLayout
+from moe_local.loading.checkpoint_map import CheckpointMap
 from moe_local.models.layers import ExpertsHandle, RMSNorm, Rope, RopeConfig
 
 
@@ -113,10 +134,11 @@ class Backbone(nn.Module):
 
 
 class CausalLM(nn.Module):
-    """A family's model. Subclasses implement `make_layer` and `expert_layout`."""
+    """A family's model. Subclasses set `family`, `Args` and `checkpoint_map` and implement `make_layer`."""
 
     family: ClassVar[str] = ""
     Args: ClassVar[type[ModelArgs]] = ModelArgs
+    checkpoint_map: ClassVar[CheckpointMap] = CheckpointMap()
 
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
@@ -131,19 +153,8 @@ class CausalLM(nn.Module):
     def make_layer(self, i: int) -> DecoderLayer:
         raise NotImplementedError
 
-    def expert_layout(self) -> ExpertLayout:
-        raise NotImplementedError
-
     def make_rope(self, max_len: int, device, dtype) -> Rope:
         return Rope(self.args.rope_config(), max(max_len, 1), device, dtype)
-
-    def sanitize(self, name: str) -> str:
-        """Checkpoint tensor name for a parameter name (identity unless a family renames)."""
-        return name
-
-    def skip_checkpoint_tensor(self, name: str) -> bool:
-        """Checkpoint tensors we deliberately ignore (routed experts, rotary buffers, MTP layers)."""
-        return ".experts." in name or "rotary_emb" in name
 
     # ------------------------------------------------------------ running
     def setup_cache(self, max_len: int) -> None:
