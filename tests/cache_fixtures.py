@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from moe_local.cache.prefetch import RouterLookahead
 from moe_local.cache.tiered import TieredExperts
+from moe_local.models.lookahead import RouterLookahead
 from moe_local.runtime.loader import LoadedModel, load_model
 from tests.tiny import our_greedy
 

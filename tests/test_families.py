@@ -1,15 +1,17 @@
-"""What every family must provide, checked for each one: a tiny config to test it with, and a
-checkpoint map that accounts for every tensor of its checkpoints (per-expert and fused layouts)."""
+"""What every family must provide, checked for each one: a tiny config to test it with, a
+checkpoint map that accounts for every tensor of its checkpoints (per-expert and fused layouts), and
+the router look-ahead the expert cache prefetches with."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from moe_local.experts import ResidentExperts
+from moe_local.experts import ExpertPredictor, ExpertWeights, ResidentExperts
 from moe_local.loading.checkpoint import Checkpoint
 from moe_local.models import FAMILIES, build_model, checkpoint_experts, load_weights
 from moe_local.models.mixtral import Mixtral
@@ -97,3 +99,70 @@ def test_renames_map_our_parameters_to_the_checkpoint_names(tmp_path):
     for m in (model, reference):
         m.setup_cache(8)
     assert torch.equal(model(ids, 0), reference(ids, 0))
+
+
+# ----------------------------------------------------------------------------- router look-ahead
+class RandomExperts:
+    """An ExpertSource of random experts (the look-ahead needs a model that runs, not a trained one)."""
+
+    def __init__(self, model) -> None:
+        a = model.args
+        self.moe_layers, self.num_experts = a.moe_layers, a.num_experts
+        self.shape = (a.moe_intermediate_size, a.hidden_size)
+
+    def load(self, layer, expert):
+        g = torch.Generator().manual_seed(1000 * layer + expert)
+        I, H = self.shape
+        return ExpertWeights(*(0.1 * torch.randn(s, generator=g) for s in ((I, H), (I, H), (H, I))))
+
+
+def random_model(model_type: str):
+    """The family's model with random weights, from its tiny config as config.json would hold it."""
+    model = build_model(json.loads(TINY_CONFIGS[model_type]().to_json_string()))
+    model = model.to_empty(device="cpu")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    model.experts.provider = ResidentExperts(RandomExperts(model))
+    return model
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY_CONFIGS))
+def test_every_family_offers_the_router_lookahead(model_type):
+    """The cache prefetches through CausalLM.lookahead alone (experts.ExpertPredictor); a family whose
+    layers broke it would silently prefetch nothing. So for each family: the model hands its hidden
+    state over at every source, in execution order, and a prediction from the normed residual
+    stream at any source names exactly the experts the later router picks for that same stream."""
+    model = random_model(model_type)
+    a = model.args
+    la = model.lookahead(depth=2)
+    assert isinstance(la, ExpertPredictor)
+    sources = la.sources()
+    assert (a.moe_layers[0], "attn") in sources  # the first MoE layer is predicted before it routes
+    assert sources == sorted(sources, key=lambda s: (s[0], s[1] == "mlp"))
+
+    seen = []
+    stop = la.listen(lambda layer, x, site: seen.append((layer, site, x.shape)))
+    ids = torch.randint(0, VOCAB, (6,), generator=torch.Generator().manual_seed(1))
+    model.setup_cache(6)
+    model(ids, 0)
+    stop()
+    model(ids, 0)  # stopped: no more calls
+    assert seen == [(layer, site, (6, a.hidden_size)) for layer, site in sources]
+
+    h = torch.randn(6, a.hidden_size, generator=torch.Generator().manual_seed(2))
+    layers, routers = model.model.layers, model.routers()
+    points = sources + [(m, "mlp") for m in a.moe_layers]
+    with torch.inference_mode():
+        for layer, site in points:
+            norm = layers[layer].input_layernorm if site == "attn" else layers[layer].post_attention_layernorm
+            predictions = la.predict(layer, norm(h), site)
+            later = [m for m in a.moe_layers if m > layer or (site == "attn" and m == layer)]
+            assert [(d, t) for d, t, _ in predictions] == list(enumerate(later[:2], start=1))
+            for _, target, ranked in predictions:
+                want, _ = routers[target](layers[target].post_attention_layernorm(h))
+                assert sorted(ranked) == sorted(set(want.flatten().tolist())), (layer, site, target)

@@ -90,25 +90,6 @@ def module_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def kv_cache_bytes(model, context: int, dtype: torch.dtype) -> int:
-    """KV-cache bytes for `context` tokens, measured by allocating each layer's cache on the meta device."""
-    total = 0
-    for layer in getattr(getattr(model, "model", None), "layers", []):
-        attn = getattr(layer, "self_attn", None)
-        if attn is None or not hasattr(attn, "setup_cache"):
-            continue
-        old = getattr(attn, "cache", None)
-        try:
-            attn.setup_cache(context, torch.device("meta"), dtype)
-            cache = attn.cache
-            total += int(cache.nbytes()) if cache is not None else 0
-        except Exception:  # a family with an exotic cache: count nothing rather than refuse to run
-            pass
-        finally:
-            attn.cache = old
-    return total
-
-
 def workspace_bytes(expanded_bytes: int) -> int:
     """GPU reserve for activations and temporaries: 256 MiB + 2x the largest expanded projection."""
     return WORKSPACE_MIN + 2 * int(expanded_bytes)

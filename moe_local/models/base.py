@@ -30,7 +30,7 @@ family inherits from `CausalLM`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 from torch import nn
@@ -38,6 +38,9 @@ from torch import nn
 from moe_local.errors import ConfigError
 from moe_local.loading.checkpoint_map import CheckpointMap
 from moe_local.models.layers import ExpertsHandle, RMSNorm, Rope, RopeConfig
+from moe_local.models.lookahead import RouterLookahead
+
+Tap = Callable[[str, torch.Tensor], None]  # (site, normed hidden state) inside one decoder layer
 
 
 @dataclass
@@ -120,9 +123,16 @@ class DecoderLayer(nn.Module):
     def ffn(self) -> nn.Module:
         return getattr(self, self.mlp_name)
 
-    def forward(self, x: torch.Tensor, start: int, rope) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), start, rope)
-        return x + self.ffn(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, start: int, rope, tap: Tap | None = None) -> torch.Tensor:
+        """tap(site, h): called with the normed input of the attention ("attn") and of the MLP ("mlp")."""
+        h = self.input_layernorm(x)
+        if tap is not None:
+            tap("attn", h)
+        x = x + self.self_attn(h, start, rope)
+        h = self.post_attention_layernorm(x)
+        if tap is not None:
+            tap("mlp", h)
+        return x + self.ffn(h)
 
 
 class Backbone(nn.Module):
@@ -148,6 +158,8 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self.rope: Rope | None = None
         self.max_len = 0
+        self._listeners: list[tuple[frozenset[tuple[int, str]], Callable[[int, torch.Tensor, str], None]]] = []
+        self._taps: dict[int, Tap] = {}
 
     # ------------------------------------------------------------ family hooks
     def make_layer(self, i: int) -> DecoderLayer:
@@ -165,8 +177,20 @@ class CausalLM(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.setup_cache(max_len, device, dtype)
 
-    def kv_cache_bytes(self) -> int:
-        return sum(layer.self_attn.cache.nbytes() for layer in self.model.layers if layer.self_attn.cache)
+    def kv_cache_bytes(self, context: int | None = None, dtype: torch.dtype | None = None) -> int:
+        """Bytes of the KV cache allocated now; with `context`, of one for that many tokens in `dtype`
+        (sized on the meta device: nothing is allocated and the current cache is kept)."""
+        if context is None:
+            return sum(layer.self_attn.cache.nbytes() for layer in self.model.layers if layer.self_attn.cache)
+        total = 0
+        for layer in self.model.layers:
+            attn, old = layer.self_attn, layer.self_attn.cache
+            try:
+                attn.setup_cache(context, torch.device("meta"), dtype or self.lm_head.weight.dtype)
+                total += attn.cache.nbytes()
+            finally:
+                attn.cache = old
+        return total
 
     def routers(self) -> dict[int, nn.Module]:
         """Layer index -> router module, for predicting later layers' experts."""
@@ -177,6 +201,41 @@ class CausalLM(nn.Module):
                 out[i] = gate
         return out
 
+    # ------------------------------------------------------------ router look-ahead
+    def lookahead(self, depth: int, extra: int = 0) -> RouterLookahead:
+        """The experts.ExpertPredictor of this model: the routers of the next `depth` MoE layers
+        applied to the current hidden state (+ `extra` spare ids), for the expert cache to prefetch."""
+        return RouterLookahead(self, depth, extra)
+
+    def listen(self, points: Sequence[tuple[int, str]],
+               callback: Callable[[int, torch.Tensor, str], None]) -> Callable[[], None]:
+        """Call `callback(layer, h, site)` during forward at every (layer, site) of `points`, h being
+        the normed input of that layer's attention (site "attn") or MLP ("mlp"). Returns the
+        function that stops it."""
+        entry = (frozenset(points), callback)
+        self._listeners.append(entry)
+        self._rebuild_taps()
+
+        def stop() -> None:
+            if entry in self._listeners:
+                self._listeners.remove(entry)
+                self._rebuild_taps()
+
+        return stop
+
+    def _rebuild_taps(self) -> None:
+        self._taps = {}
+        for layer in sorted({l for points, _ in self._listeners for l, _ in points}):
+            calls = [(frozenset(s for l, s in points if l == layer), cb) for points, cb in self._listeners]
+
+            def tap(site: str, h: torch.Tensor, layer: int = layer, calls=calls) -> None:
+                for sites, cb in calls:
+                    if site in sites:
+                        cb(layer, h, site)
+
+            self._taps[layer] = tap
+
+    # ------------------------------------------------------------ running
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start: int = 0, last_only: bool = False,
                 on_layer: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
@@ -190,7 +249,7 @@ class CausalLM(nn.Module):
         for i, layer in enumerate(self.model.layers):
             if on_layer is not None:
                 on_layer(i, x)
-            x = layer(x, start, rope)
+            x = layer(x, start, rope, self._taps.get(i))
         if last_only:
             x = x[-1:]
         return self.lm_head(self.model.norm(x)).float()

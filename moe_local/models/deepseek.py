@@ -101,6 +101,10 @@ class BiasedRouter(Router):
         super().__init__(hidden, num_experts, rule)
         self.e_score_correction_bias = nn.Parameter(torch.zeros(num_experts), requires_grad=False)
 
+    def selection_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Sigmoid scores plus the correction bias: what noaux_tc selects by."""
+        return torch.sigmoid(super().selection_scores(x)) + self.e_score_correction_bias.float()
+
 
 class DeepseekV2(CausalLM):
     family = "deepseek_v2"

@@ -22,6 +22,7 @@ from moe_local.errors import CheckpointError
 from moe_local.loading.checkpoint import Checkpoint
 from moe_local.loading.hub import resolve_model_dir
 from moe_local.formats.pack import Pack, is_pack, read_st_header
+from moe_local.formats.schemes import get_scheme
 from moe_local.models.weights import checkpoint_experts, resident_bytes
 from moe_local.runtime.loader import build_model_for
 
@@ -108,8 +109,6 @@ def summarize(ref: str | Path, run_dtype: str = "bfloat16") -> ModelSummary:
 
 def _pack_groups(groups: list[dict]) -> list[dict]:
     """describe()'s groups plus the group size each one really uses (narrow rows shrink it)."""
-    from moe_local.formats.schemes import get_scheme
-
     out = []
     for g in groups:
         used = get_scheme(g["scheme"], **g["params"]).group_size_for(int(g["shape"][1]))
@@ -148,18 +147,17 @@ def _summary(model, root: Path, config: dict, run_dtype: str, expert_run_bytes: 
     per_expert = _expert_params(a)
     n_moe = len(a.moe_layers)
     resident = resident_bytes(model, _TORCH_DTYPES[run_dtype])  # before any KV cache exists
-    model.setup_cache(1)  # meta tensors: counts elements, allocates nothing
-    kv_elems = model.kv_cache_bytes() // model.lm_head.weight.element_size()
+    kv_per_token = model.kv_cache_bytes(1, _TORCH_DTYPES[run_dtype])  # sized on the meta device
     bpe = RUN_DTYPE_BYTES[run_dtype]
     ctx = int(a.max_position_embeddings)
-    kv_total = kv_elems * bpe * ctx
+    kv_total = kv_per_token * ctx
     return ModelSummary(
         path=str(root), family=model.family, layers=a.num_hidden_layers, moe_layers=n_moe,
         experts_per_layer=a.num_experts, top_k=a.num_experts_per_tok, shared_experts=_shared_experts(config),
         hidden_size=a.hidden_size, expert_intermediate_size=a.moe_intermediate_size, context_length=ctx,
         total_params=dense + n_moe * a.num_experts * per_expert,
         active_params=dense + n_moe * a.num_experts_per_tok * per_expert,
-        dense_params=dense, expert_params=per_expert, run_dtype=run_dtype, kv_bytes_per_token=kv_elems * bpe,
+        dense_params=dense, expert_params=per_expert, run_dtype=run_dtype, kv_bytes_per_token=kv_per_token,
         memory_all_resident=dense * bpe + a.num_experts * expert_run_bytes + kv_total,
         memory_min_offload=min_budget(slot_bytes=stored["bytes_per_expert"], top_k=a.num_experts_per_tok,
                                       resident_bytes=resident),
