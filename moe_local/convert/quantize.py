@@ -42,6 +42,7 @@ from moe_local.formats.pack import (ALIGN, COPIED_FILES, DENSE_FILE, EXPERT_FILE
                                     VERSION, Pack, PackedExpertLayout, SafetensorsPlan, SafetensorsWriter, crc32,
                                     dense_part_name, expert_tensor_name, is_pack, numel, pack_size, plan_expert_layout,
                                     tensor_bytes)
+from moe_local.convert.calibration import calibrate
 from moe_local.convert.recipes import Recipe, SchemeSpec, scheme_spec
 
 SHARD_BYTES = 4 << 30  # experts per file up to this size (one expert never spans two files)
@@ -476,8 +477,6 @@ def quantize(
     try:
         with _progress(console) as progress:
             if calibration_path is not None:
-                from moe_local.convert.calibration import calibrate
-
                 ctask = progress.add_task("calibrating", total=None, done=0, of="?", unit="tokens")
                 calibration = calibrate(src, calibration_path, calibration_tokens,
                                         progress=lambda n: progress.update(ctask, advance=n))

@@ -35,6 +35,7 @@ from safetensors import safe_open
 
 from moe_local.errors import CheckpointError
 from moe_local.experts import ExpertWeights
+from moe_local.formats.schemes import PackedWeight, get_scheme
 from moe_local.loading.checkpoint import check_shape, read_json
 
 FORMAT = "moe-local-pack"
@@ -544,15 +545,11 @@ class Pack:
         key = name + json.dumps(params, sort_keys=True)
         scheme = self._schemes.get(key)
         if scheme is None:
-            from moe_local.formats.schemes import get_scheme
-
             scheme = self._schemes[key] = get_scheme(name, **params)
         return scheme
 
     def decode(self, buf: torch.Tensor, layer: int, expert: int) -> ExpertWeights:
         """Compute-ready packed weights that view `buf` (uint8, any device) in place: no copy."""
-        from moe_local.formats.schemes import PackedWeight
-
         r = self.expert_range(layer, expert)
         layout = self.layouts[r.layout]
         if buf.dtype != torch.uint8 or buf.dim() != 1 or buf.numel() < r.length:

@@ -15,6 +15,7 @@ import torch
 
 from moe_local.errors import CheckpointError, ConfigError, MoeLocalError
 from moe_local.experts import ExpertProvider, ExpertSource, ResidentExperts
+from moe_local.formats.pack import Pack, is_pack
 from moe_local.loading.checkpoint import Checkpoint
 from moe_local.loading.hub import resolve_model_dir
 from moe_local.models import CausalLM, build_model, checkpoint_experts, load_weights
@@ -59,15 +60,11 @@ class LoadedModel:
 
 def open_weights(root: Path):
     """A Checkpoint for a Hugging Face folder; a pack reader for a moe-local pack (see moe_local.formats.pack)."""
-    from moe_local.formats.pack import Pack, is_pack
-
     return Pack(root) if is_pack(root) else Checkpoint(root)
 
 
 def expert_source_for(weights, model: CausalLM) -> ExpertSource:
     """The pack itself (an ExpertBytesSource) for a pack; routed experts read from the checkpoint otherwise."""
-    from moe_local.formats.pack import Pack
-
     a = model.args
     if isinstance(weights, Pack):
         if list(weights.moe_layers) != list(a.moe_layers) or weights.num_experts != a.num_experts:
