@@ -48,7 +48,8 @@ import numpy as np
 import torch
 
 from moe_local.cache.adapters import FixedSizeBytes
-from moe_local.cache.budget import MiB, human, parse_size, plan_budget, round_slot
+from moe_local.cache.budget import plan_budget, round_slot
+from moe_local.units import MiB, format_bytes, parse_size
 from moe_local.cache.tiered import TieredExperts, measure_h2d_bandwidth
 from moe_local.errors import CheckpointError, MoeLocalError
 from moe_local.experts import ExpertWeights
@@ -420,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         table.add_column(col, justify="right" if col not in ("shape", "budget", "policy") else "left")
     for r in rows:
         table.add_row(r["shape"], r["config"], r["policy"], str(r["prefetch_depth"]), f"{r['tokens_per_s']:.2f}",
-                      f"{100 * r['hit_rate']:.1f}%", human(r["bytes_per_token"]),
+                      f"{100 * r['hit_rate']:.1f}%", format_bytes(r["bytes_per_token"]),
                       f"{r['link_bytes_per_s'] / 1e9:.1f} GB/s",
                       "inf" if math.isinf(r["roofline_tokens_per_s"]) else f"{r['roofline_tokens_per_s']:.2f}",
                       f"{r['stall_s']:.3f}")

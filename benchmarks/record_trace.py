@@ -10,7 +10,7 @@ stream entering L's MoE block, normalised by the later layer's own post-attentio
 layers F..F+D-1 are predicted from the residual stream entering F (before its attention), stored as
 predicted[d] for moe_layers[d - 1]. Those are what `moe-local simulate --prefetch-depth` replays.
 
-    /work/venv/bin/python benchmarks/record_trace.py ../shared/models/pycode-deepseek /tmp/pycode.trace.jsonl
+    python benchmarks/record_trace.py ../shared/models/pycode-deepseek pycode.trace.jsonl
 
 This script imports transformers; moe_local itself never does.
 """

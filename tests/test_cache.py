@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from moe_local.cache.budget import GiB, MiB, parse_size, plan_budget
+from moe_local.cache.budget import plan_budget
 from moe_local.cache.options import CacheOptions, provider_factory
 from moe_local.cache.simulate import future_from_trace
 from moe_local.cache.tiered import TieredExperts
@@ -17,6 +17,7 @@ from moe_local.errors import MoeLocalError
 from moe_local.experts import ResidentExperts
 from moe_local.formats.pack import Pack
 from moe_local.runtime.loader import load_model
+from moe_local.units import GiB, MiB, parse_size
 from moe_local.models.lookahead import RouterLookahead
 from tests.cache_fixtures import (eval_ids, make_deepseek_pack, make_mixtral_pack, one_thread, pack,  # noqa: F401
                                   run, tiered_factory)
@@ -318,8 +319,8 @@ def test_corrupt_expert_range_is_a_clear_error_never_wrong_tokens(tmp_path, prom
 
 
 def test_run_report_renders_with_the_report_module(pack, prompt, tmp_path):
-    from moe_local.cache.report import load_report, render_report
-    from moe_local.cache.stats import run_report, write_json_atomic
+    from moe_local.cli.report_view import render_report
+    from moe_local.runtime.report import load_report, run_report, write_json_atomic
 
     _, _, lm = run(pack, prompt, tiered_factory(slots=6, depth=1))
     rep = run_report(model="tiny-mixtral", device="cpu", dtype="float32",
@@ -334,8 +335,10 @@ def test_run_report_renders_with_the_report_module(pack, prompt, tmp_path):
 
 
 def test_stats_rows_for_chat(pack, prompt):
+    from moe_local.cli.run_cmds import cache_rows
+
     _, _, lm = run(pack, prompt, tiered_factory(slots=6, depth=1))
-    rows = dict(lm.provider.stats_rows())
+    rows = dict(cache_rows(lm.provider.live()))
     assert rows["expert hit rate"].endswith(f"of {lm.provider.report()['uses']} uses")
     assert rows["cache slots"].startswith("ram ") and "prefetch" in rows
 

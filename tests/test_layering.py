@@ -1,5 +1,5 @@
-"""The layering stays true: imports inside moe_local only go down, and models and cache never import
-each other.
+"""The layering stays true: imports inside moe_local only go down, models and cache never import each
+other, and presentation libraries (rich, typer, matplotlib) are used by cli/ alone.
 
 Every import statement counts, function-level ones included (they once hid a cycle). README's
 architecture section draws the same layers.
@@ -28,6 +28,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("cli",),
 ]
 RANK = {room: i for i, layer in enumerate(LAYERS) for room in layer}
+PRESENTATION = ("rich", "typer", "click", "matplotlib")  # tables, progress bars, plots: cli/ only
 
 
 def room_of(module: str) -> str:
@@ -85,8 +86,19 @@ def violations() -> list[str]:
     return found
 
 
+def presentation_outside_cli() -> list[str]:
+    return [f"{path.relative_to(PACKAGE.parent)}:{line} imports {target}: presentation lives in cli/"
+            for path in sorted(PACKAGE.rglob("*.py")) if room_of(module_name(path)) != "cli"
+            for line, target in imports(path) if target.split(".")[0] in PRESENTATION]
+
+
 def test_imports_only_go_down():
     assert violations() == []
+
+
+def test_presentation_lives_in_cli():
+    """Lower layers report numbers (and progress through callbacks); only cli/ draws them."""
+    assert presentation_outside_cli() == []
 
 
 def test_the_check_sees_function_level_and_relative_imports(tmp_path, monkeypatch):
@@ -95,9 +107,10 @@ def test_the_check_sees_function_level_and_relative_imports(tmp_path, monkeypatc
     (pkg / "models").mkdir(parents=True)
     (pkg / "cache").mkdir()
     (pkg / "models" / "a.py").write_text("def f():\n    from moe_local.runtime import loader\n")
-    (pkg / "cache" / "b.py").write_text("from ..models import a\n")
+    (pkg / "cache" / "b.py").write_text("from ..models import a\nimport rich.table\n")
     (pkg / "errors.py").write_text("")
     monkeypatch.setattr(sys.modules[__name__], "PACKAGE", pkg)
     found = violations()
     assert any("models/a.py:2 imports moe_local.runtime: models sits below runtime" in v for v in found)
     assert any("cache/b.py:1 imports moe_local.models: cache and models never import each other" in v for v in found)
+    assert presentation_outside_cli() == ["moe_local/cache/b.py:2 imports rich.table: presentation lives in cli/"]

@@ -8,7 +8,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from moe_local.cache.report import load_report
+from moe_local.runtime.report import load_report
 from moe_local.cli.app import app
 from moe_local.errors import MoeLocalError
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from moe_local.cache.simulate import parse_sizes, select_steps, simulate
-from moe_local.cache.budget import parse_size
+from moe_local.units import parse_size
 from moe_local.cache.trace import TraceWriter, read_trace
 from moe_local.cli.app import app
 from moe_local.errors import MoeLocalError

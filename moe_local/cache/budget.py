@@ -1,4 +1,5 @@
-"""Memory budgets: parse `--gpu-mem 6GiB` / `--ram 512MiB`, detect defaults, and turn a budget into slots.
+"""Memory budgets: detect defaults for `--gpu-mem` / `--ram` and turn a budget into slots (units.parse_size
+reads the flags).
 
 Why a plan object: the GPU budget is a hard limit, so everything that lives on the GPU besides the
 expert slots (resident weights, the KV cache, an activation workspace) is subtracted up front and the
@@ -9,16 +10,12 @@ token.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
 
 from moe_local.errors import MoeLocalError
-
-KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
-_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": KiB, "m": 10**6, "mb": 10**6, "mib": MiB,
-          "g": 10**9, "gb": 10**9, "gib": GiB, "t": 10**12, "tb": 10**12, "tib": TiB}
+from moe_local.units import GiB, MiB, format_bytes
 
 # Headroom left to others when we pick a default (stated in --help and the README).
 GPU_HEADROOM_FRACTION = 0.10  # of the device's total memory, at least GPU_HEADROOM_MIN
@@ -26,37 +23,6 @@ GPU_HEADROOM_MIN = 1 * GiB
 RAM_DEFAULT_FRACTION = 0.50  # of the memory psutil reports available at start-up
 WORKSPACE_MIN = 256 * MiB  # activations, router/top-k temporaries, allocator fragmentation
 SLOT_ALIGN = 4096  # every slot starts on a page, like every expert range in a pack
-
-
-def parse_size(text: str | int | float | None, flag: str = "--gpu-mem", *, allow_auto: bool = True) -> int | None:
-    """'6GiB', '512 MiB', '1.5G', '4096' (bytes) -> bytes. None/''/'auto' -> None (use the default).
-
-    The one size parser of the CLI (--gpu-mem, --ram, simulate --budget), so every flag accepts the
-    same units (GB = 10^9, GiB = 2^30) and refuses with the same words. allow_auto=False: a flag
-    with no default to fall back on, where ''/'auto' is refused like any other non-size.
-    """
-    if text is None:
-        return None
-    if isinstance(text, (int, float)):
-        if text < 0:
-            raise MoeLocalError(f"{flag} must not be negative, got {text}")
-        return int(text)
-    s = str(text).strip().lower().replace("_", "")
-    if s in ("", "auto") and allow_auto:
-        return None
-    m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([a-z]*)", s)
-    if not m or m.group(2) not in _UNITS:
-        raise MoeLocalError(f"{flag} {text!r} is not a size; write e.g. 6GiB, 512MiB, 1.5GB or a byte count")
-    return int(float(m.group(1)) * _UNITS[m.group(2)])
-
-
-def human(n: float | int | None) -> str:
-    if n is None:
-        return "auto"
-    for unit, size in (("TiB", TiB), ("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
 
 
 def default_gpu_budget(device: torch.device) -> int:
@@ -150,9 +116,9 @@ def plan_budget(
             need = min_budget(slot_bytes=slot, top_k=top_k, resident_bytes=resident_bytes, kv_bytes=kv_bytes,
                               expanded_bytes=expanded_bytes, cuda=True)
             raise MoeLocalError(
-                f"--gpu-mem {human(gpu_budget)} is too small: resident weights {human(resident_bytes)} + KV cache "
-                f"{human(kv_bytes)} + workspace {human(workspace)} + one layer's top-{top_k} experts "
-                f"({top_k} x {human(slot)}) need at least {human(need)}"
+                f"--gpu-mem {format_bytes(gpu_budget)} is too small: resident weights {format_bytes(resident_bytes)} + KV cache "
+                f"{format_bytes(kv_bytes)} + workspace {format_bytes(workspace)} + one layer's top-{top_k} experts "
+                f"({top_k} x {format_bytes(slot)}) need at least {format_bytes(need)}"
             )
         gpu_slots = min(gpu_slots, num_keys)
         host_fixed = 0
@@ -165,11 +131,11 @@ def plan_budget(
         # on CUDA the RAM tier only stages one layer's transfers: no resident weights there
         need = min_budget(slot_bytes=slot, top_k=host_min, resident_bytes=host_fixed)
         # kv_bytes is 0 on a CPU (the KV cache is not part of the slot budget there): do not print "KV cache 0 B"
-        kv = f"KV cache {human(kv_bytes)} + " if kv_bytes else ""
-        what = "" if cuda else f"resident weights {human(resident_bytes)} + {kv}"
+        kv = f"KV cache {format_bytes(kv_bytes)} + " if kv_bytes else ""
+        what = "" if cuda else f"resident weights {format_bytes(resident_bytes)} + {kv}"
         raise MoeLocalError(
-            f"--ram {human(ram_budget)} is too small: {what}one layer's top-{top_k} experts "
-            f"({top_k} x {human(slot)}) need at least {human(need)}"
+            f"--ram {format_bytes(ram_budget)} is too small: {what}one layer's top-{top_k} experts "
+            f"({top_k} x {format_bytes(slot)}) need at least {format_bytes(need)}"
         )
     host_slots = min(host_slots, num_keys)
     return BudgetPlan(slot, gpu_budget if cuda else None, ram_budget, resident_bytes, kv_bytes,

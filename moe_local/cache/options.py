@@ -15,13 +15,13 @@ from typing import Callable, Sequence
 import torch
 
 from moe_local.cache.adapters import CheckpointBytes
-from moe_local.cache.budget import (BudgetPlan, default_gpu_budget, default_ram_budget, module_bytes, parse_size,
-                                    plan_budget)
+from moe_local.cache.budget import BudgetPlan, default_gpu_budget, default_ram_budget, module_bytes, plan_budget
 from moe_local.cache.policies import POLICIES
 from moe_local.cache.simulate import future_from_trace
 from moe_local.cache.tiered import MISS_MODES, TieredExperts
 from moe_local.cache.trace import TraceRecorder
 from moe_local.errors import MoeLocalError
+from moe_local.units import parse_size
 
 
 @dataclass

@@ -31,42 +31,20 @@ Policies
 - ``belady``     the offline optimum (MIN): evict the key whose next use is furthest in the future.
                  Needs the future demand sequence (a recorded trace), so it is for the simulator.
 
-Which policy to use -- measured, not guessed
--------------------------------------------
-Replay of the routing of the shared trained DeepSeek-V3-architecture model (pycode-deepseek: 6 MoE
-layers x 64 experts, top-6; first 2048 held-out tokens, 73,728 expert uses, recorded with
-benchmarks/record_trace.py) through `moe-local simulate`, hit rate in %:
-
-    one global budget           48 slots (8/layer)   96 (16/layer)   192 (32/layer)
-    lru                               22.9               46.2             78.7
-    lfu-aging                         35.3               56.2             81.8
-    arc                               30.6               50.0             78.7
-    belady (optimum)                  54.3               73.9             91.9
-    lru       + prefetch depth 1      64.6               72.6             87.5
-    lfu-aging + prefetch depth 1      69.0               78.7             91.1
-    arc       + prefetch depth 1      70.5               80.4             93.0
-
-    one cache per layer (16/layer): lru 49.4, lfu-aging 56.2, arc 51.6, belady 69.6
-    (shared/README.md, measured independently: lru 49.5, belady 69.6)
-
-    moe-local simulate TRACE --sizes 8/layer,16/layer,32/layer --prefetch-depth 1
-    moe-local simulate TRACE --sizes 16/layer --per-layer
-
-Conclusions:
-- Without prefetch, `lfu-aging` is the best online policy at every size: +10 points over LRU at a
-  quarter of the experts (56.2 vs 46.2), closing 36% of the gap to Belady. Expert popularity is
-  skewed and fairly stable, so frequency is the signal; the halving period (8 x capacity accesses,
-  swept 1x..1000x: 8x is best at 96 and 192 slots, 1 point below 16x at 48) lets it follow drift.
-  An exponentially decayed frequency (LRFU) was within 1 point and was not kept.
-- A global LRU is *worse* than per-layer LRUs (46.2 vs 49.4): layers run in a fixed cycle, so the
-  least recent keys are always those of the layer about to run. Frequency-based ranking has no
-  such phase problem, and the global Belady optimum is higher than the per-layer one (73.9 vs 69.6),
-  which is why the budget is global.
-- With router-lookahead prefetch (the intended way to run), `arc` is best with one global budget
-  (80.4 vs 78.7 at 16/layer; 93.0 vs 91.1 at 32/layer): prefetched experts enter its recency list
-  and do not displace the frequency list, and its adaptive split absorbs the prefetch traffic.
-  Recommendation: `arc` when prefetching, `lfu-aging` when not; `moe-local simulate --budget`
-  picks per trace and size. Hit rates with prefetch assume every prefetch arrives in time.
+Which policy to use
+-------------------
+Measured by replaying the shared trained model's routing through `moe-local simulate` (the table
+and the commands that reproduce it are in README's "Tiered expert cache" section):
+- Without prefetch, `lfu-aging` is the best online policy: expert popularity is skewed and fairly
+  stable, so frequency is the signal; halving every 8 x capacity accesses lets it follow drift.
+- One global LRU is *worse* than per-layer LRUs: layers run in a fixed cycle, so the least recent
+  keys are always those of the layer about to run. Frequency-based ranking has no such phase
+  problem, and the global Belady optimum is above the per-layer one, which is why the budget is
+  global.
+- With router-lookahead prefetch (the intended way to run), `arc` is best at a quarter of the
+  experts and more: prefetched experts enter its recency list and do not displace the frequency
+  list. `moe-local simulate --budget` picks per trace and size. Hit rates with prefetch assume every
+  prefetch arrives in time.
 """
 
 from __future__ import annotations

@@ -36,6 +36,7 @@ from typing import Callable, Iterable, Sequence
 from moe_local.cache.policies import POLICIES, make_policy
 from moe_local.cache.trace import Trace, TraceToken, read_trace
 from moe_local.errors import MoeLocalError
+from moe_local.units import parse_size
 
 Key = tuple[int, int]
 
@@ -403,3 +404,82 @@ def recommend(
                        slots >= total),
         results + [opt],
     )
+
+
+# --------------------------------------------------------------------------- the `simulate` grid
+DEFAULT_POLICIES = "lru,lfu-aging,arc,belady"
+DEFAULT_SIZES = "12.5%,25%,50%"
+
+
+@dataclass
+class Grid:
+    """Every replay `moe-local simulate` asked for: policies x sizes x (no prefetch, depth D)."""
+
+    trace: Trace
+    policies: list[str]
+    slots: list[int]  # requested sizes, ascending
+    depths: list[int]  # 0, and the --prefetch-depth if any
+    per_layer: bool
+    steps: list[Step]
+    budget_bytes: int | None = None  # --budget: also recommend a policy and depth for this many bytes
+    results: list[SimResult] = field(default_factory=list)
+
+    @property
+    def uses(self) -> int:
+        return self.results[0].uses if self.results else 0
+
+    def result(self, policy: str, slots: int, depth: int) -> SimResult:
+        """The run for a requested size (per-layer runs round the total down to a multiple of the layers)."""
+        n = len(self.trace.moe_layers)
+        want = (slots // n) * n if self.per_layer else slots
+        return next(r for r in self.results if r.policy == policy and r.prefetch_depth == depth and r.slots == want)
+
+
+def plan_grid(trace: Trace, policy: str = DEFAULT_POLICIES, sizes: str | None = None, prefetch_depth: int = 0,
+              budget: str | None = None, per_layer: bool = False, include_prefill: bool = False) -> Grid:
+    """Parse and check every option against the trace before anything is replayed (one-line errors).
+
+    Default sizes below the minimum (one layer's top-k) are raised to it rather than refused."""
+    names = parse_policies(policy)
+    need = min_slots(trace, per_layer)
+    if sizes is None:
+        slots = sorted({max(s, need) for s in parse_sizes(DEFAULT_SIZES, trace)})
+    else:
+        slots = parse_sizes(sizes, trace)
+        if slots[0] < need:
+            unit = f"{trace.top_k} per layer x {len(trace.moe_layers)} layers" if per_layer else "one layer's top_k"
+            raise MoeLocalError(f"--sizes {slots[0]} is too small: a layer needs {trace.top_k} slots at once, "
+                                f"so the minimum is {need} ({unit})")
+    budget_bytes = parse_size(budget, "--budget", allow_auto=False)
+    if budget_bytes is not None:
+        budget_slots(trace, budget_bytes, per_layer=per_layer)
+    steps = select_steps(trace, include_prefill)
+    check_prefetch_depth(trace, prefetch_depth, steps)
+    return Grid(trace, names, slots, [0] + ([prefetch_depth] if prefetch_depth > 0 else []), per_layer, steps,
+                budget_bytes)
+
+
+def grid_runs(grid: Grid) -> list[tuple[str, int, int]]:
+    """(policy, slots, depth) of every replay; belady (offline, no prefetch) only without prefetch."""
+    return [(name, slots, d) for slots in grid.slots for name in grid.policies for d in grid.depths
+            if not (d > 0 and name == "belady")]
+
+
+def run_grid(grid: Grid, progress: Callable[[], None] | None = None) -> Grid:
+    """Replay every run of the grid (progress() after each one)."""
+    for name, slots, d in grid_runs(grid):
+        grid.results.append(simulate(grid.trace, name, slots, per_layer=grid.per_layer, prefetch_depth=d,
+                                     steps=grid.steps))
+        if progress:
+            progress()
+    return grid
+
+
+def recommendation_candidates(grid: Grid) -> tuple[list[str], list[int]]:
+    """The online policies and prefetch depths a --budget recommendation tries: the grid's online
+    policies (all of them if only belady was asked for), and every depth 0..d that the trace holds
+    predictions for at each level 1..d."""
+    held = step_prediction_depths(grid.steps)
+    depths = [d for d in range(0, max(held, default=0) + 1) if all(x in held for x in range(1, d + 1))]
+    online = [n for n in grid.policies if n != "belady"] or ["lru", "lfu-aging", "arc"]
+    return online, depths

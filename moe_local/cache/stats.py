@@ -15,13 +15,8 @@ Definitions (also in the README):
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Sequence
-
-from moe_local.errors import MoeLocalError
 
 
 @dataclass
@@ -73,7 +68,7 @@ class CacheStats:
         lc.misses += not hit
 
     def cache_section(self) -> dict:
-        """The run report's "cache" object (see notes/cache-contract.md)."""
+        """The run report's "cache" object (runtime/report.py assembles the rest of the report)."""
         moved = self.disk_to_ram + self.ram_to_gpu
         issued, used = self.prefetch_issued, self.prefetch_used
         return {
@@ -98,48 +93,3 @@ class CacheStats:
             "cpu_computed": self.cpu_computed,
             "streamed_uses": self.streamed_uses,
         }
-
-
-def run_report(*, model: str, device: str, dtype: str, options: dict, prompt_tokens: int, generated_tokens: int,
-               ttft_s: float, prompt_s: float, token_latencies_s: Sequence[float], cache: dict | None) -> dict:
-    """The whole `--stats-json` object (format "moe-local-run-report" v1) from what the runtime timed.
-
-    ttft_s: prompt submitted -> first token; prompt_s: the prefill alone; token_latencies_s: one
-    entry per generated token after the first. `cache` is `provider.report()` (None when resident).
-    """
-    lat = sorted(float(t) for t in token_latencies_s)
-
-    def pct(p: float) -> float:
-        if not lat:
-            return 0.0
-        return lat[min(len(lat) - 1, max(0, int(round(p / 100 * (len(lat) - 1)))))]
-
-    gen_time = sum(lat)
-    report = {
-        "format": "moe-local-run-report", "version": 1,
-        "model": model, "device": device, "dtype": dtype, "options": options,
-        "tokens": {"prompt": int(prompt_tokens), "generated": int(generated_tokens)},
-        "timings": {
-            "ttft_s": float(ttft_s),
-            "prompt_tps": prompt_tokens / prompt_s if prompt_s > 0 else 0.0,
-            "gen_tps": len(lat) / gen_time if gen_time > 0 else 0.0,
-            "token_latency_s": {"mean": gen_time / len(lat) if lat else 0.0, "p50": pct(50), "p90": pct(90),
-                                "p99": pct(99)},
-            "token_latencies_s": [float(t) for t in token_latencies_s],
-        },
-    }
-    if cache is not None:
-        report["cache"] = cache
-    return report
-
-
-def write_json_atomic(path: str | Path, obj: dict) -> Path:
-    """Write to a temporary name, then rename: a crash never leaves half a report."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(json.dumps(obj, indent=1))
-        tmp.replace(path)
-    except OSError as exc:
-        raise MoeLocalError(f"cannot write the run report: {exc.strerror}", path) from None
-    return path

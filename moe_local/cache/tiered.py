@@ -42,7 +42,7 @@ import torch
 from moe_local.cache.budget import BudgetPlan, round_slot
 from moe_local.cache.policies import make_policy
 from moe_local.cache.stats import CacheStats, TierCounters
-from moe_local.cache.tiers import Tier, allocate_slab
+from moe_local.cache.tiers import Tier, TierState, allocate_slab
 from moe_local.cache.trace import TraceRecorder
 from moe_local.errors import MoeLocalError
 from moe_local.experts import ACTIVATIONS, ExpertPredictor, ExpertWeights, combine_experts
@@ -251,29 +251,14 @@ class TieredExperts:
         """The "cache" section of the run report."""
         return self.stats.cache_section()
 
-    def stats_rows(self) -> list[tuple[str, str]]:
-        """Live figures for `/stats` in chat and the lines after a reply (run_cmds.provider_stats)."""
-        from moe_local.cache.budget import human
+    def tier_states(self) -> list[TierState]:
+        """What each tier (GPU first, then RAM) holds right now."""
+        return [t.state() for t in (self.gpu, self.host) if t is not None]
 
-        c = self.report()
-        pf = c["prefetch"]
-        tiers = ", ".join(f"{n} {len(t.table)}/{t.capacity}" for n, t in (("gpu", self.gpu), ("ram", self.host))
-                          if t is not None)
-        rows = [("expert hit rate", f"{100 * c['hit_rate']:.1f}% of {c['uses']} uses"),
-                ("cache slots", f"{tiers} ({human(self.slot_bytes)} each, policy {self.policy_name})"),
-                ("moved / token", human(c["bytes"]["per_token"])),
-                ("stalled on experts", f"{c['stall_s']:.3f} s")]
-        if pf["issued"]:
-            rows.append(("prefetch", f"{pf['issued']} issued, {pf['used']} used, {pf['late']} late, "
-                                     f"{pf['wasted']} wasted (precision {100 * pf['precision']:.0f}%)"))
-        if c["cpu_computed"]:
-            rows.append(("computed on CPU", str(c["cpu_computed"])))
-        return rows
-
-    def options(self) -> dict:
-        return {"policy": self.policy_name, "miss": self.miss,
-                "prefetch_depth": self.predictor.depth if self.predictor else 0,
-                "prefetch_extra": self.predictor.extra if self.predictor else 0}
+    def live(self) -> dict:
+        """`report()` plus what `/stats` in chat shows beside it: slots in use per tier, slot size, policy."""
+        return {**self.report(), "slots": {s.name: {"used": s.used, "capacity": s.capacity} for s in self.tier_states()},
+                "slot_bytes": self.slot_bytes, "policy": self.policy_name}
 
     def drain(self) -> None:
         """Wait for every transfer still in flight (prefetches of the last token) and settle it."""

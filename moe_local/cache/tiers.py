@@ -11,7 +11,8 @@ ever write the bytes of a slot they were handed.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Hashable, Iterator
+from dataclasses import dataclass
+from typing import Hashable, Iterator, Mapping
 
 import torch
 
@@ -86,6 +87,21 @@ def allocate_slab(slots: int, slot_bytes: int, device: torch.device, pin: bool =
     return torch.empty((slots, slot_bytes), dtype=torch.uint8, device=device)
 
 
+@dataclass(frozen=True)
+class TierState:
+    """A tier at one moment, as keys and counts (for `/stats` and tests): a copy, never the tier itself."""
+
+    name: str
+    capacity: int
+    cached: frozenset  # keys the eviction policy manages
+    pins: Mapping[Key, int]  # keys held (by a layer call in progress, or a GPU copy reading a RAM slot)
+    transient: frozenset  # keys streaming through a slot for one use, never cached
+
+    @property
+    def used(self) -> int:
+        return len(self.cached) + len(self.transient)
+
+
 class Tier:
     """A slab plus its table and its eviction policy: the RAM tier or the GPU tier."""
 
@@ -100,6 +116,10 @@ class Tier:
     @property
     def capacity(self) -> int:
         return self.table.capacity
+
+    def state(self) -> TierState:
+        t = self.table
+        return TierState(self.name, self.capacity, frozenset(t.cached_keys()), dict(t.pins), frozenset(t.transient))
 
     def buffer(self, key: Key, nbytes: int) -> torch.Tensor:
         return self.slab[self.table.slot_of[key], :nbytes]

@@ -1,8 +1,8 @@
 """The routing trace: which experts every token used in every MoE layer, as JSON Lines.
 
 Why a file: cache policies, sizes and prefetch depths are cheap to compare offline on *real* routing
-(`moe-local simulate`), while a real run costs minutes per configuration. The format (see
-notes/cache-contract.md) is one header line followed by one line per token in execution order:
+(`moe-local simulate`), while a real run costs minutes per configuration. The format is one header
+line followed by one line per token in execution order:
 
     {"format": "moe-local-trace", "version": 1, "model": ..., "num_experts": E, "top_k": k,
      "moe_layers": [...], "expert_bytes": n}

@@ -1,4 +1,5 @@
-"""`quantize` and `eval`: parse options, call moe_local.convert.quantize / moe_local.runtime.evaluate, render."""
+"""`quantize` and `eval`: parse options, call moe_local.convert.quantize / moe_local.runtime.evaluate, render
+(the size plan table, the progress bars of a quantize run, the eval table)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,13 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.console import Console
+from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn,
+                           TransferSpeedColumn)
 from rich.table import Table
 
 from moe_local.cli.common import err, out, user_errors
+from moe_local.units import format_bytes, layer_ranges
 
 
 def register(app: typer.Typer) -> None:
@@ -35,22 +39,84 @@ def quantize_cmd(
     revision: Annotated[Optional[str], typer.Option("--revision", help="Hub revision of SRC.")] = None,
 ) -> None:
     """Quantize a checkpoint's routed experts into a memory-mapped pack (streamed, verified, atomic)."""
-    from moe_local.runtime.inspect import human_bytes, pack_size_text
     from moe_local.convert.quantize import quantize
     from moe_local.convert.recipes import build_recipe
+    from moe_local.runtime.inspect import pack_size_text
 
     recipe = build_recipe(scheme, group_size, keep, layers, dense)
-    result = quantize(src, out_dir, recipe, calibration_path=calibration, calibration_tokens=calibration_tokens,
-                      force=force, dry_run=dry_run, console=err if not dry_run else out, revision=revision)
     if dry_run:
+        print_plan(quantize(src, out_dir, recipe, dry_run=True, revision=revision), src)
         return
+    bars = ProgressBars(err)
+    try:
+        result = quantize(src, out_dir, recipe, calibration_path=calibration, calibration_tokens=calibration_tokens,
+                          force=force, progress=bars, revision=revision)
+    finally:
+        bars.stop()
     err.print(
         f"wrote {result.out}: {pack_size_text(result.weight_bytes, result.other_bytes)}; "
         f"routed experts at {result.expert_bits_per_weight:.3f} bits/weight\n"
-        f"read {human_bytes(result.source_bytes)} of source tensors in {result.seconds:.2f} s "
+        f"read {format_bytes(result.source_bytes)} of source tensors in {result.seconds:.2f} s "
         f"({result.gbps:.3f} GB/s); total {result.total_seconds:.2f} s incl. verification; "
-        f"peak RSS {human_bytes(result.peak_rss)} (at start {human_bytes(result.rss_before)}; "
-        f"peak private memory while streaming {human_bytes(result.peak_anon)}, the rest is the source's page cache)"
+        f"peak RSS {format_bytes(result.peak_rss)} (at start {format_bytes(result.rss_before)}; "
+        f"peak private memory while streaming {format_bytes(result.peak_anon)}, the rest is the source's page cache)"
+    )
+
+
+class ProgressBars:
+    """A quantize run's phases (convert.quantize.QuantizeProgress) as rich progress bars on `console`."""
+
+    def __init__(self, console: Console) -> None:
+        self.bars = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            TextColumn("{task.fields[done]}/{task.fields[of]} {task.fields[unit]}"),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        )
+        self.tasks: dict[str, int] = {}
+
+    def begin(self, phase: str, total: int | None, count: int | str, unit: str) -> None:
+        if not self.tasks:
+            self.bars.start()
+        self.tasks[phase] = self.bars.add_task(phase, total=total, done=0, of=count, unit=unit)
+
+    def advance(self, phase: str, nbytes: int, done: int = 0) -> None:
+        task = self.tasks[phase]
+        self.bars.update(task, advance=nbytes, done=self.bars.tasks[task].fields["done"] + done)
+
+    def stop(self) -> None:
+        if self.tasks:
+            self.bars.stop()
+
+
+def print_plan(plan, ref: str) -> None:
+    """The dry run: per tensor group layers, projection, scheme, bits/weight and bytes per expert, then sizes."""
+    from moe_local.convert.quantize import plan_rows, plan_summary
+    from moe_local.runtime.inspect import pack_size_text
+
+    table = Table(title=f"size plan: {plan.src} -> recipe {plan.recipe.name}", show_lines=False)
+    for col in ("layers", "projection", "scheme", "shape", "bits/weight", "bytes/expert"):
+        table.add_column(col, justify="right" if col in ("bits/weight", "bytes/expert") else "left")
+    for r in plan_rows(plan):
+        if r.projection is None:  # a whole expert's byte range
+            table.add_row(layer_ranges(r.layers, sep=","), "[bold]expert range", "", "", f"{r.bits_per_weight:.3f}",
+                          f"[bold]{r.nbytes:,}")
+        else:
+            table.add_row(layer_ranges(r.layers, sep=","), r.projection, r.scheme, "x".join(map(str, r.shape)),
+                          f"{r.bits_per_weight:.3f}", f"{r.nbytes:,}")
+    out.print(table)
+    s = plan_summary(plan, ref)
+    out.print(
+        f"routed experts: {s['experts']} in {s['expert_files']} file(s), {format_bytes(s['expert_bytes'])} "
+        f"at {s['expert_bits_per_weight']:.3f} bits/weight (scales included)\n"
+        f"non-expert weights ({s['dense_scheme']}): {format_bytes(s['dense_bytes'])}\n"
+        f"pack total: {pack_size_text(s['weight_bytes'], s['other_bytes'], approx=True)}\n"
+        f"(source tensors: {format_bytes(s['source_bytes'])}; weight files are "
+        f"{s['weight_bytes'] / max(s['source_bytes'], 1):.1%} of them)"
     )
 
 
@@ -66,12 +132,9 @@ def eval_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Perplexity on a token file; with --reference, KL(reference || model) and top-1 agreement."""
-    from moe_local.errors import MoeLocalError
     from moe_local.runtime.evaluate import evaluate, load_token_ids, windows
-    from moe_local.runtime.loader import DTYPES, load_model
+    from moe_local.runtime.loader import load_model
 
-    if dtype is not None and dtype not in DTYPES:
-        raise MoeLocalError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     lm = load_model(model, device=device, dtype=dtype)
     ref = load_model(reference, device=device, dtype=dtype) if reference else None
     ids = load_token_ids(tokens, max_tokens, lm.config.get("vocab_size"))

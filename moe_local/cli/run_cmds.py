@@ -1,176 +1,66 @@
 """`generate`, `chat` and `inspect`: parse options, call the runtime, render its events. No logic here.
 
-Options come in groups (`OptionGroup`): a list of Typer parameters plus a function that builds one
-object from them, handed to the command under the group's name. A command declares the groups it
-takes with `@with_groups(...)`. To add options (say the expert cache's --gpu-mem/--ram/--policy),
-append parameters to `LOAD` and read them in `make_provider`; every command that loads a model
-gets them.
+The options `generate` and `chat` share are declared once in options.py; each command lists them in
+its signature and builds the runtime's option objects from them (which check themselves).
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
 import json
 import sys
 import time
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Callable, Optional
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-from moe_local.cache.options import CacheOptions, provider_factory
-from moe_local.cache.report import check_output_dir
-from moe_local.cache.stats import write_json_atomic
 from moe_local.cli.common import err, out, user_errors
+from moe_local.cli.options import (BeladyTrace, Device, DType, Experts, GpuMem, IgnoreEos, MaxTokens, MinP, Miss,
+                                   ModelArg, Policy, PrefetchDepth, PrefetchExtra, Ram, RepeatLastN, RepeatPenalty,
+                                   Seed, StatsJson, Stop, Temperature, TopK, TopP, TraceFile, load_options,
+                                   sampling_options)
 from moe_local.errors import MoeLocalError
 from moe_local.runtime.generate import GenerateOptions, GenerationResult, GenerationStream
-from moe_local.runtime.loader import ProviderFactory, resident_provider
-from moe_local.runtime.sampling import SamplingOptions
+from moe_local.runtime.loader import LoadOptions
+from moe_local.runtime.report import check_output_dir, write_json_atomic
+from moe_local.runtime.session import check_prompt_options
+from moe_local.units import format_bytes, format_count
 
 
-# ------------------------------------------------------------------ option groups
-@dataclass
-class OptionGroup:
-    """Typer parameters that together build one object, passed to the command as keyword `name`."""
+def open_session(model: str, load: LoadOptions, need_tokenizer: bool = False):
+    """Load with a status line, then say what was loaded where (stderr)."""
+    from moe_local.runtime.session import Session
 
-    name: str
-    params: list[inspect.Parameter]
-    build: Callable[..., Any]
-
-
-def option(name: str, annotation: Any, default: Any) -> inspect.Parameter:
-    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
-
-
-def with_groups(*groups: OptionGroup) -> Callable:
-    """Replace each group's keyword in the command's signature by the group's options (Typer reads __signature__)."""
-
-    def decorate(fn: Callable) -> Callable:
-        hints = typing.get_type_hints(fn, include_extras=True)
-        names = {g.name for g in groups}
-        own = [p.replace(annotation=hints.get(p.name, p.annotation))
-               for p in inspect.signature(fn).parameters.values() if p.name not in names]
-        extra = [p for g in groups for p in g.params]
-
-        @functools.wraps(fn)
-        def wrapper(**kwargs: Any) -> Any:
-            for g in groups:
-                kwargs[g.name] = g.build(**{p.name: kwargs.pop(p.name) for p in g.params})
-            return fn(**kwargs)
-
-        wrapper.__signature__ = inspect.Signature(own + extra)  # type: ignore[attr-defined]
-        wrapper.__annotations__ = {p.name: p.annotation for p in own + extra}
-        del wrapper.__wrapped__  # make inspect use __signature__, not the original
-        return wrapper
-
-    return decorate
-
-
-@dataclass
-class LoadSpec:
-    """How to load a model: device, dtype and the expert provider, plus every raw option for later groups."""
-
-    device: str | None
-    dtype: str | None
-    provider: ProviderFactory
-    options: dict[str, Any] = field(default_factory=dict)
-    on_step: Optional[Callable[[Any], None]] = None  # e.g. a routing-trace recorder cutting steps (StepInfo)
-
-    def open(self, model: str, need_tokenizer: bool = False):
-        from moe_local.runtime.session import Session
-
-        t0 = time.perf_counter()
-        with err.status(f"loading {escape(model)} ..."):
-            session = Session.open(model, self.device, self.dtype, provider=self.provider,
-                                   on_step=self.on_step, need_tokenizer=need_tokenizer)
-        lm = session.lm
-        err.print(f"[dim]loaded {lm.model.family} from {escape(str(lm.root))} on {lm.device} ({str(lm.dtype).removeprefix('torch.')}) "
-                  f"in {time.perf_counter() - t0:.1f} s[/]")
-        if self.options.get("gpu_mem") is not None and lm.device.type != "cuda":
-            err.print("[yellow]note: --gpu-mem is ignored on the CPU; --ram sizes the expert cache[/]")
-        return session
-
-
-def cache_options(options: dict[str, Any]) -> CacheOptions:
-    return CacheOptions(gpu_mem=options["gpu_mem"], ram=options["ram"], policy=options["policy"],
-                        prefetch_depth=options["prefetch_depth"], prefetch_extra=options["prefetch_extra"],
-                        miss=options["miss"], trace=options["trace"], belady_trace=options["belady_trace"])
-
-
-def make_provider(options: dict[str, Any]) -> ProviderFactory:
-    """The one place CLI options choose where experts live: the tiered cache, or all resident."""
-    if options["experts"] == "resident":
-        return resident_provider
-    return provider_factory(cache_options(options))
-
-
-def build_load(**kw: Any) -> LoadSpec:
-    from moe_local.runtime.loader import DTYPES, resolve_device
-
-    dtype, device = kw.get("dtype"), kw.get("device")
-    if dtype is not None and dtype not in DTYPES:
-        raise MoeLocalError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if device is not None and device.split(":")[0] not in ("cpu", "cuda", "auto"):
-        raise MoeLocalError(f"--device must be cpu, cuda, cuda:N or auto, got {device!r}")
-    resolve_device(device)  # a bad cuda:N, or cuda without CUDA: fail before anything is read
-    if kw["stats_json"] is not None:
-        check_output_dir(kw["stats_json"])  # not after the whole generation
-    if kw["experts"] not in ("tiered", "resident"):
-        raise MoeLocalError(f"--experts must be tiered or resident, got {kw['experts']!r}")
-    return LoadSpec(kw.get("device"), kw.get("dtype"), make_provider(kw), kw)
-
-
-_LOAD_PANEL, _CACHE_PANEL = "Model loading", "Expert cache"
-LOAD = OptionGroup("load", [
-    option("device", Annotated[Optional[str], typer.Option(rich_help_panel=_LOAD_PANEL, help="cpu | cuda | cuda:N (default: cuda if available)")], None),
-    option("dtype", Annotated[Optional[str], typer.Option(rich_help_panel=_LOAD_PANEL, help="float32 | bfloat16 | float16 (default: bf16 on GPU, fp32 on CPU)")], None),
-    option("experts", Annotated[str, typer.Option(rich_help_panel=_CACHE_PANEL, help="tiered: page routed experts through the RAM/GPU cache; resident: load them all up front.")], "tiered"),
-    option("gpu_mem", Annotated[Optional[str], typer.Option("--gpu-mem", rich_help_panel=_CACHE_PANEL, help="GPU budget, e.g. 6GiB (default: free GPU memory minus headroom).")], None),
-    option("ram", Annotated[Optional[str], typer.Option(rich_help_panel=_CACHE_PANEL, help="Host RAM budget for expert slots, e.g. 16GiB (default: half the available RAM).")], None),
-    option("policy", Annotated[str, typer.Option(rich_help_panel=_CACHE_PANEL, help="Eviction: lru | lfu-aging | arc | belady (belady needs --belady-trace).")], "arc"),
-    option("prefetch_depth", Annotated[int, typer.Option(rich_help_panel=_CACHE_PANEL, help="Prefetch experts predicted by the next D layers' routers (0 = off).")], 1),
-    option("prefetch_extra", Annotated[int, typer.Option(rich_help_panel=_CACHE_PANEL, help="Spare experts prefetched beyond each predicted top-k.")], 2),
-    option("miss", Annotated[str, typer.Option(rich_help_panel=_CACHE_PANEL, help="On a GPU miss: transfer | cpu (compute it from RAM) | auto.")], "auto"),
-    option("trace", Annotated[Optional[Path], typer.Option(rich_help_panel=_CACHE_PANEL, help="Write the routing trace (layer and experts per token) to FILE, for `moe-local simulate`.")], None),
-    option("belady_trace", Annotated[Optional[Path], typer.Option(rich_help_panel=_CACHE_PANEL, help="A trace of this same run, recorded earlier: the future --policy belady evicts by.")], None),
-    option("stats_json", Annotated[Optional[Path], typer.Option(rich_help_panel=_CACHE_PANEL, help="Write the run report (timings, cache hits per tier and layer, prefetch, bytes moved) to FILE.")], None),
-], build_load)
-
-
-def build_sampling(temperature: float, top_k: int, top_p: float, min_p: float, repeat_penalty: float,
-                   repeat_last_n: int, seed: Optional[int], max_tokens: int, ignore_eos: bool,
-                   stop: Optional[list[str]]) -> GenerateOptions:
-    sampling = SamplingOptions(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed)
-    sampling.validate()  # fail before the model is loaded
-    if max_tokens < 0:
-        raise MoeLocalError(f"--max-tokens must be >= 0, got {max_tokens}")
-    return GenerateOptions(sampling, max_tokens=max_tokens, stop=list(stop or []), ignore_eos=ignore_eos)
-
-
-SAMPLING = OptionGroup("gen", [
-    option("max_tokens", Annotated[int, typer.Option("--max-tokens", "-n", rich_help_panel="Sampling", help="Most tokens to generate.")], 256),
-    option("temperature", Annotated[float, typer.Option(rich_help_panel="Sampling", help="0 = greedy.")], 0.8),
-    option("top_k", Annotated[int, typer.Option(rich_help_panel="Sampling", help="Keep the k most likely tokens (0 = off).")], 40),
-    option("top_p", Annotated[float, typer.Option(rich_help_panel="Sampling", help="Nucleus: smallest set with this much probability (1 = off).")], 0.95),
-    option("min_p", Annotated[float, typer.Option(rich_help_panel="Sampling", help="Drop tokens below min-p x the top probability (0 = off).")], 0.05),
-    option("repeat_penalty", Annotated[float, typer.Option(rich_help_panel="Sampling", help="llama.cpp repetition penalty (1 = off).")], 1.0),
-    option("repeat_last_n", Annotated[int, typer.Option(rich_help_panel="Sampling", help="Recent tokens the penalty looks at (-1 = all).")], 64),
-    option("seed", Annotated[Optional[int], typer.Option(rich_help_panel="Sampling", help="Random seed (same seed, same tokens).")], None),
-    option("ignore_eos", Annotated[bool, typer.Option("--ignore-eos", rich_help_panel="Sampling", help="Do not stop at end-of-sequence tokens.")], False),
-    option("stop", Annotated[Optional[list[str]], typer.Option("--stop", rich_help_panel="Sampling", help="Stop before this text (repeatable).")], None),
-], build_sampling)
+    t0 = time.perf_counter()
+    with err.status(f"loading {escape(model)} ..."):
+        session = Session.open(model, load.device, load.dtype, provider=load.provider(), need_tokenizer=need_tokenizer)
+    lm = session.lm
+    err.print(f"[dim]loaded {lm.model.family} from {escape(str(lm.root))} on {lm.device} ({str(lm.dtype).removeprefix('torch.')}) "
+              f"in {time.perf_counter() - t0:.1f} s[/]")
+    if load.cache.gpu_mem is not None and lm.device.type != "cuda":
+        err.print("[yellow]note: --gpu-mem is ignored on the CPU; --ram sizes the expert cache[/]")
+    return session
 
 
 # ------------------------------------------------------------------ rendering
-def provider_stats(session) -> list[tuple[str, str]]:
-    """Rows a provider wants shown after a reply (the expert cache implements `stats_rows()`)."""
-    rows = getattr(session.lm.provider, "stats_rows", None)
-    return list(rows()) if callable(rows) else []
+def cache_rows(c: dict | None) -> list[tuple[str, str]]:
+    """The expert cache's live figures (Session.cache_stats) as the rows shown after a reply and by /stats."""
+    if c is None:
+        return []
+    pf = c["prefetch"]
+    tiers = ", ".join(f"{name} {s['used']}/{s['capacity']}" for name, s in c["slots"].items())
+    rows = [("expert hit rate", f"{100 * c['hit_rate']:.1f}% of {c['uses']} uses"),
+            ("cache slots", f"{tiers} ({format_bytes(c['slot_bytes'])} each, policy {c['policy']})"),
+            ("moved / token", format_bytes(c["bytes"]["per_token"])),
+            ("stalled on experts", f"{c['stall_s']:.3f} s")]
+    if pf["issued"]:
+        rows.append(("prefetch", f"{pf['issued']} issued, {pf['used']} used, {pf['late']} late, "
+                                 f"{pf['wasted']} wasted (precision {100 * pf['precision']:.0f}%)"))
+    if c["cpu_computed"]:
+        rows.append(("computed on CPU", str(c["cpu_computed"])))
+    return rows
 
 
 def print_timing(result: GenerationResult) -> None:
@@ -214,30 +104,33 @@ NO_TEMPLATE_NOTE = "note: this model has no chat template; turns are joined as p
 
 
 # ------------------------------------------------------------------ commands
-ModelArg = Annotated[str, typer.Argument(metavar="MODEL", help="A model folder, or a Hugging Face repo id (org/name).")]
-
-
 @user_errors
-@with_groups(SAMPLING, LOAD)
 def generate(
     model: ModelArg,
-    gen: GenerateOptions,
-    load: LoadSpec,
     prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Prompt text ('-' reads stdin).")] = None,
     prompt_ids: Annotated[Optional[str], typer.Option(help="Prompt as token ids: 1,2,3 (no tokenizer needed).")] = None,
     chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the model's chat template.")] = False,
     system: Annotated[Optional[str], typer.Option(help="System message (implies --chat).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming text.")] = False,
+    max_tokens: MaxTokens = 256, temperature: Temperature = 0.8, top_k: TopK = 40, top_p: TopP = 0.95,
+    min_p: MinP = 0.05, repeat_penalty: RepeatPenalty = 1.0, repeat_last_n: RepeatLastN = 64, seed: Seed = None,
+    ignore_eos: IgnoreEos = False, stop: Stop = None,
+    device: Device = None, dtype: DType = None, experts: Experts = "tiered", gpu_mem: GpuMem = None,
+    ram: Ram = None, policy: Policy = "arc", prefetch_depth: PrefetchDepth = 1, prefetch_extra: PrefetchExtra = 2,
+    miss: Miss = "auto", trace: TraceFile = None, belady_trace: BeladyTrace = None, stats_json: StatsJson = None,
 ) -> None:
     """Continue a prompt, streaming the text to stdout; timings go to stderr."""
-    if prompt is None and prompt_ids is None:
-        raise MoeLocalError("give a prompt: --prompt TEXT or --prompt-ids 1,2,3")
-    if prompt_ids is not None and (prompt is not None or chat or system is not None):
-        raise MoeLocalError("--prompt-ids is the whole prompt: do not combine it with --prompt, --chat or --system")
+    gen = sampling_options(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed,
+                           ignore_eos, stop)
+    load = load_options(device, dtype, experts, gpu_mem, ram, policy, prefetch_depth, prefetch_extra, miss, trace,
+                        belady_trace)
+    if stats_json is not None:
+        check_output_dir(stats_json)  # not after the whole generation
+    check_prompt_options(prompt, prompt_ids, chat, system)
     ids = parse_ids(prompt_ids) if prompt_ids is not None else None
     if prompt == "-":
         prompt = sys.stdin.read()
-    session = load.open(model, need_tokenizer=ids is None)
+    session = open_session(model, load, need_tokenizer=ids is None)
     use_chat = chat or system is not None
     if use_chat and session.chat_template is None:
         err.print(f"[yellow]{NO_TEMPLATE_NOTE}[/]")
@@ -246,26 +139,24 @@ def generate(
         if as_json:
             result = stream.collect()
             payload = result.to_dict()
-            if callable(report := getattr(session.lm.provider, "report", None)):
-                payload["cache"] = report()  # hit rates depend on transfer timing; tokens never do
+            if (cache := session.cache_report()) is not None:
+                payload["cache"] = cache  # hit rates depend on transfer timing; tokens never do
             typer.echo(json.dumps(payload))
         else:
             result = stream_to_stdout(stream, ids_only=session.tokenizer is None)
             print_timing(result)
-            for name, value in provider_stats(session):
+            for name, value in cache_rows(session.cache_stats()):
                 err.print(f"[dim]{escape(name)}: {escape(value)}[/]")
     finally:
         session.close()
-    write_stats(load, session, result)
+    write_stats(stats_json, load, session, result)
 
 
-def write_stats(load: LoadSpec, session, result: GenerationResult | None) -> None:
+def write_stats(path: Path | None, load: LoadOptions, session, result: GenerationResult | None) -> None:
     """--stats-json: the run report of the last reply (written atomically after the provider settled)."""
-    path = load.options.get("stats_json")
     if path is None or result is None:
         return
-    options = cache_options(load.options).report_dict() if load.options["experts"] == "tiered" else {}
-    write_json_atomic(path, session.run_report(result, options))
+    write_json_atomic(path, session.run_report(result, load.report_options()))
     err.print(f"[dim]run report written to {escape(str(path))}[/]")
 
 
@@ -327,7 +218,7 @@ def stats_table(session, result: GenerationResult | None) -> Table | str:
             ("generated tokens", str(t.generated_tokens)), ("generated tok/s", f"{t.gen_tps:.1f}"),
             ("time to first token", f"{t.ttft_s * 1000:.0f} ms"), ("stop reason", result.stop_reason),
             ("context used", f"{len(result.prompt_ids) + len(result.tokens)} / {session.generator.context_length}")]
-    for name, value in rows + provider_stats(session):
+    for name, value in rows + cache_rows(session.cache_stats()):
         table.add_row(name, value)
     return table
 
@@ -346,23 +237,32 @@ def _input(prompt: str) -> str:
 
 
 @user_errors
-@with_groups(SAMPLING, LOAD)
 def chat(
     model: ModelArg,
-    gen: GenerateOptions,
-    load: LoadSpec,
     system: Annotated[Optional[str], typer.Option(help="System message.")] = None,
+    max_tokens: MaxTokens = 256, temperature: Temperature = 0.8, top_k: TopK = 40, top_p: TopP = 0.95,
+    min_p: MinP = 0.05, repeat_penalty: RepeatPenalty = 1.0, repeat_last_n: RepeatLastN = 64, seed: Seed = None,
+    ignore_eos: IgnoreEos = False, stop: Stop = None,
+    device: Device = None, dtype: DType = None, experts: Experts = "tiered", gpu_mem: GpuMem = None,
+    ram: Ram = None, policy: Policy = "arc", prefetch_depth: PrefetchDepth = 1, prefetch_extra: PrefetchExtra = 2,
+    miss: Miss = "auto", trace: TraceFile = None, belady_trace: BeladyTrace = None, stats_json: StatsJson = None,
 ) -> None:
     """Talk to a model. Type /help inside for commands and multi-line input."""
     from moe_local.runtime.session import ChatSession
 
-    session = load.open(model, need_tokenizer=True)
+    gen = sampling_options(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed,
+                           ignore_eos, stop)
+    load = load_options(device, dtype, experts, gpu_mem, ram, policy, prefetch_depth, prefetch_extra, miss, trace,
+                        belady_trace)
+    if stats_json is not None:
+        check_output_dir(stats_json)  # not after the whole conversation
+    session = open_session(model, load, need_tokenizer=True)
     convo = ChatSession(session, system=system)
     try:
         repl(session, convo, gen)
     finally:
         session.close()
-    write_stats(load, session, convo.last)
+    write_stats(stats_json, load, session, convo.last)
 
 
 def repl(session, convo, gen: GenerateOptions) -> None:
@@ -413,10 +313,8 @@ def inspect_cmd(
     """Family, experts, parameters and the memory a run needs, from config and headers (no weights read).
 
     On a pack: also the scheme of every tensor group and the bytes of one expert per MoE layer."""
-    from moe_local.runtime.inspect import RUN_DTYPE_BYTES, human_bytes, human_count, pack_rows, summarize
+    from moe_local.runtime.inspect import pack_rows, summarize
 
-    if dtype not in RUN_DTYPE_BYTES:
-        raise MoeLocalError(f"--dtype must be one of {', '.join(RUN_DTYPE_BYTES)}, got {dtype!r}")
     s = summarize(model, dtype)
     if as_json:
         typer.echo(json.dumps(s.to_dict()))
@@ -430,19 +328,19 @@ def inspect_cmd(
         ("shared experts", str(s.shared_experts)),
         ("hidden / expert size", f"{s.hidden_size} / {s.expert_intermediate_size}"),
         ("context", f"{s.context_length} tokens"),
-        ("total params", human_count(s.total_params)),
-        ("active params / token", human_count(s.active_params)),
-        ("dense (non-expert) params", human_count(s.dense_params)),
-        ("checkpoint", f"{human_bytes(s.checkpoint_bytes)} ({s.checkpoint_dtype})"),
-        ("bytes per expert", f"{human_bytes(s.bytes_per_expert)} ({s.checkpoint_dtype})"),
-        (f"KV cache per token ({s.run_dtype})", human_bytes(s.kv_bytes_per_token)),
-        (f"memory, all resident ({s.run_dtype})", human_bytes(s.memory_all_resident)),
+        ("total params", format_count(s.total_params)),
+        ("active params / token", format_count(s.active_params)),
+        ("dense (non-expert) params", format_count(s.dense_params)),
+        ("checkpoint", f"{format_bytes(s.checkpoint_bytes)} ({s.checkpoint_dtype})"),
+        ("bytes per expert", f"{format_bytes(s.bytes_per_expert)} ({s.checkpoint_dtype})"),
+        (f"KV cache per token ({s.run_dtype})", format_bytes(s.kv_bytes_per_token)),
+        (f"memory, all resident ({s.run_dtype})", format_bytes(s.memory_all_resident)),
         (f"min --ram, offload ({s.run_dtype})",
-         f"{human_bytes(s.memory_min_offload)} (CPU expert offload: resident weights + one layer's "
+         f"{format_bytes(s.memory_min_offload)} (CPU expert offload: resident weights + one layer's "
          f"top-{s.top_k} experts, the budget check's minimum; KV cache not included)"),
     ]
     if s.pack is not None:  # packed experts: the memory figures keep them packed
-        rows[-4:-3] = [("largest expert", f"{human_bytes(s.bytes_per_expert)} (packed)")]
+        rows[-4:-3] = [("largest expert", f"{format_bytes(s.bytes_per_expert)} (packed)")]
         rows += pack_rows(s.pack)
     for name, value in rows:
         table.add_row(name, value)

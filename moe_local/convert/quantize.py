@@ -21,18 +21,14 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import psutil
 import torch
-from rich.console import Console
-from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                           TransferSpeedColumn)
-from rich.table import Table
 
 from moe_local import __version__
 from moe_local.errors import CheckpointError, MoeLocalError
-from moe_local.runtime.inspect import human_bytes, layer_ranges, pack_size_text
+from moe_local.units import BY_SAFETENSORS, RUN_DTYPES, layer_ranges
 from moe_local.loading.checkpoint import Checkpoint
 from moe_local.loading.hf_experts import CheckpointExperts
 from moe_local.loading.hub import resolve_model_dir
@@ -46,9 +42,6 @@ from moe_local.convert.calibration import calibrate
 from moe_local.convert.recipes import Recipe, SchemeSpec, scheme_spec
 
 SHARD_BYTES = 4 << 30  # experts per file up to this size (one expert never spans two files)
-ST_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-            "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
-KEEP_1D = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 _HF_BLOB = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -104,7 +97,14 @@ def _st_dtype(ckpt: Checkpoint, name: str) -> str:
 
 
 def _source_nbytes(ckpt: Checkpoint, name: str) -> int:
-    return numel(ckpt.shape(name)) * ST_SIZES.get(_st_dtype(ckpt, name), 4)
+    st = BY_SAFETENSORS.get(_st_dtype(ckpt, name))
+    return numel(ckpt.shape(name)) * (st.itemsize if st is not None else 4)
+
+
+def _float_dtype(st: str) -> torch.dtype:
+    """A stored float dtype a model can run in (F32, BF16, F16) kept as it is; anything else as float32."""
+    d = BY_SAFETENSORS.get(st)
+    return d.torch if d is not None and d.name in RUN_DTYPES else torch.float32
 
 
 def _is_router(name: str, shape: tuple[int, ...], num_experts: int) -> bool:
@@ -179,7 +179,7 @@ def make_plan(src: Path, recipe: Recipe, shard_bytes: int = SHARD_BYTES) -> Plan
         item = DenseItem(name, shape, _source_nbytes(ckpt, name))
         st = _st_dtype(ckpt, name)
         if len(shape) != 2:
-            item.out_dtype = KEEP_1D.get(st, torch.float32)  # norms, biases, router bias: never rounded
+            item.out_dtype = _float_dtype(st)  # norms, biases, router bias: never rounded
         elif int8 is not None and not _is_router(name, shape, a.num_experts):
             item.scheme = int8
         else:
@@ -195,12 +195,21 @@ def make_plan(src: Path, recipe: Recipe, shard_bytes: int = SHARD_BYTES) -> Plan
                 placement, dense, dense_plan, expert_src, sum(d.source_bytes for d in dense), schemes)
 
 
-# --------------------------------------------------------------------------- size plan table
-def plan_table(plan: Plan) -> Table:
-    """Per tensor group: layers, projection, scheme, bits/weight (scales included), bytes per expert."""
-    table = Table(title=f"size plan: {plan.src} -> recipe {plan.recipe.name}", show_lines=False)
-    for col in ("layers", "projection", "scheme", "shape", "bits/weight", "bytes/expert"):
-        table.add_column(col, justify="right" if col in ("bits/weight", "bytes/expert") else "left")
+# --------------------------------------------------------------------------- size plan summary
+@dataclass(frozen=True)
+class PlanRow:
+    """One line of the size plan: a tensor group (projection None: a whole expert's byte range)."""
+
+    layers: list[int]
+    projection: str | None
+    scheme: str
+    shape: tuple[int, ...]
+    bits_per_weight: float  # scales included
+    nbytes: int  # per expert
+
+
+def plan_rows(plan: Plan) -> list[PlanRow]:
+    """Per tensor group: the layers sharing a projection's scheme and size, then each expert layout."""
     groups: dict[tuple, list[int]] = {}
     for layer in plan.moe_layers:
         layout = plan.layouts[plan.layout_of[layer]]
@@ -208,14 +217,12 @@ def plan_table(plan: Plan) -> Table:
             p = layout.projections[proj]
             key = (proj, plan.specs[(layer, proj)].label(), p.shape, p.packed_nbytes())
             groups.setdefault(key, []).append(layer)
-    for (proj, label, shape, nbytes), layers in groups.items():
-        table.add_row(layer_ranges(layers, sep=","), proj, label, "x".join(map(str, shape)),
-                      f"{8 * nbytes / numel(shape):.3f}", f"{nbytes:,}")
+    rows = [PlanRow(layers, proj, label, shape, 8 * nbytes / numel(shape), nbytes)
+            for (proj, label, shape, nbytes), layers in groups.items()]
     for key, layout in plan.layouts.items():
         layers = [l for l in plan.moe_layers if plan.layout_of[l] == key]
-        table.add_row(layer_ranges(layers, sep=","), "[bold]expert range", "", "", f"{8 * layout.packed_nbytes() / layout.weights():.3f}",
-                      f"[bold]{layout.nbytes:,}")
-    return table
+        rows.append(PlanRow(layers, None, "", (), 8 * layout.packed_nbytes() / layout.weights(), layout.nbytes))
+    return rows
 
 
 def plan_summary(plan: Plan, ref: str | None = None) -> dict:
@@ -241,20 +248,27 @@ def plan_summary(plan: Plan, ref: str | None = None) -> dict:
     }
 
 
-def print_plan(plan: Plan, console: Console, ref: str | None = None) -> None:
-    console.print(plan_table(plan))
-    s = plan_summary(plan, ref)
-    console.print(
-        f"routed experts: {s['experts']} in {s['expert_files']} file(s), {human_bytes(s['expert_bytes'])} "
-        f"at {s['expert_bits_per_weight']:.3f} bits/weight (scales included)\n"
-        f"non-expert weights ({s['dense_scheme']}): {human_bytes(s['dense_bytes'])}\n"
-        f"pack total: {pack_size_text(s['weight_bytes'], s['other_bytes'], approx=True)}\n"
-        f"(source tensors: {human_bytes(s['source_bytes'])}; weight files are "
-        f"{s['weight_bytes'] / max(s['source_bytes'], 1):.1%} of them)"
-    )
-
-
 # --------------------------------------------------------------------------- running
+class QuantizeProgress(Protocol):
+    """What a quantize run reports while it goes, phase by phase ("calibrating", "quantizing",
+    "verifying"); the CLI draws each phase as a progress bar. `total` is in bytes (None: unknown),
+    `count` the number of `unit`s (tensors, experts) the phase works through."""
+
+    def begin(self, phase: str, total: int | None, count: int | str, unit: str) -> None: ...
+
+    def advance(self, phase: str, nbytes: int, done: int = 0) -> None:
+        """`nbytes` more of the phase's total, `done` more of its count."""
+        ...
+
+
+class _Silent:
+    def begin(self, phase: str, total: int | None, count: int | str, unit: str) -> None:
+        pass
+
+    def advance(self, phase: str, nbytes: int, done: int = 0) -> None:
+        pass
+
+
 @dataclass
 class QuantizeReport:
     out: Path
@@ -301,20 +315,6 @@ def _source_info(ref: str, src: Path, plan: Plan, hash_files: bool = True) -> di
     }
 
 
-def _progress(console: Console | None) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TextColumn("{task.fields[done]}/{task.fields[of]} {task.fields[unit]}"),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        disable=console is None,
-        transient=False,
-    )
-
-
 def _check_out(src: Path, out: Path, force: bool) -> None:
     if out.resolve() == src.resolve():
         raise MoeLocalError("OUT is the source folder; choose another folder for the pack", out)
@@ -325,7 +325,7 @@ def _check_out(src: Path, out: Path, force: bool) -> None:
             raise MoeLocalError("exists and is not a moe-local pack; refusing to replace it even with --force", out)
 
 
-def _write_dense(plan: Plan, tmp: Path, progress: Progress, task, mem: AnonPeak) -> None:
+def _write_dense(plan: Plan, tmp: Path, progress: QuantizeProgress, mem: AnonPeak) -> None:
     writer = SafetensorsWriter(tmp / DENSE_FILE, plan.dense_plan, {"format": "pt", "moe_local": "pack-dense"})
     offsets = {e.name: e.offset for e in plan.dense_plan.entries}
     try:
@@ -338,7 +338,7 @@ def _write_dense(plan: Plan, tmp: Path, progress: Progress, task, mem: AnonPeak)
                 for part, p in packed.items():
                     writer.write_at(offsets[dense_part_name(item.name, part)], tensor_bytes(p))
             mem.sample()
-            progress.update(task, advance=item.source_bytes, done=progress.tasks[task].fields["done"] + 1)
+            progress.advance("quantizing", item.source_bytes, done=1)
     finally:
         writer.close()
     _release_source(plan)
@@ -360,7 +360,7 @@ def _quantize(scheme, w: torch.Tensor, importance: torch.Tensor | None, name: st
         raise MoeLocalError(f"tensor {name!r}: {exc}") from None
 
 
-def _write_experts(plan: Plan, tmp: Path, calibration, progress: Progress, task, mem: AnonPeak) -> list[dict]:
+def _write_experts(plan: Plan, tmp: Path, calibration, progress: QuantizeProgress, mem: AnonPeak) -> list[dict]:
     writers = [SafetensorsWriter(tmp / EXPERT_FILE.format(i + 1), p, {"format": "pt", "moe_local": "pack-experts"})
                for i, p in enumerate(plan.expert_files)]
     ranges: list[dict] = []
@@ -394,7 +394,7 @@ def _write_experts(plan: Plan, tmp: Path, calibration, progress: Progress, task,
                     "offset": writers[fidx].data_start + start, "length": layout.nbytes,
                     "crc32": crc32(buf), "layout": key,
                 })
-                progress.update(task, advance=per_expert, done=progress.tasks[task].fields["done"] + 3)
+                progress.advance("quantizing", per_expert, done=3)
             _release_source(plan)
     finally:
         for w in writers:
@@ -402,16 +402,16 @@ def _write_experts(plan: Plan, tmp: Path, calibration, progress: Progress, task,
     return ranges
 
 
-def _verify(tmp: Path, progress: Progress) -> None:
+def _verify(tmp: Path, progress: QuantizeProgress) -> None:
     pack = Pack(tmp)  # every file through safe_open, every range inside its file
     try:
         ranges = list(pack._ranges.values())
         total = sum(r.length for r in ranges)
-        task = progress.add_task("verifying", total=total, done=0, of=len(ranges), unit="experts")
+        progress.begin("verifying", total, len(ranges), "experts")
         buf = torch.empty(pack.max_expert_nbytes(), dtype=torch.uint8)
         for r in ranges:
             pack.read_into(r.layer, r.expert, buf, verify=True)
-            progress.update(task, advance=r.length, done=progress.tasks[task].fields["done"] + 1)
+            progress.advance("verifying", r.length, done=1)
         for name in pack.names():  # non-expert tensors decode with their recorded shapes
             pack.shape(name)
     finally:
@@ -448,11 +448,13 @@ def quantize(
     calibration_tokens: int = 4096,
     force: bool = False,
     dry_run: bool = False,
-    console: Console | None = None,
+    progress: QuantizeProgress | None = None,
     shard_bytes: int = SHARD_BYTES,
     revision: str | None = None,
 ) -> QuantizeReport | Plan:
-    """Quantize `src_ref` into a pack at `out` (or, with dry_run, return the plan after printing it)."""
+    """Quantize `src_ref` into a pack at `out` (with dry_run: only plan it, and return the plan).
+
+    `progress` hears each phase as it runs (see QuantizeProgress); nothing is printed here."""
     t_start = time.perf_counter()
     rss_before = _rss()
     src = resolve_model_dir(src_ref, revision)
@@ -465,8 +467,8 @@ def quantize(
         _check_out(src, out, force)
     plan = make_plan(src, recipe, shard_bytes)
     if dry_run:
-        print_plan(plan, console or Console(), str(src_ref))
         return plan
+    progress = progress or _Silent()
 
     calibration = None
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -475,25 +477,24 @@ def quantize(
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
-        with _progress(console) as progress:
-            if calibration_path is not None:
-                ctask = progress.add_task("calibrating", total=None, done=0, of="?", unit="tokens")
-                calibration = calibrate(src, calibration_path, calibration_tokens,
-                                        progress=lambda n: progress.update(ctask, advance=n))
-            tmp.mkdir()
-            for name in COPIED_FILES:
-                if (src / name).is_file():
-                    shutil.copyfile(src / name, tmp / name)
-            n_tensors = len(plan.dense) + 3 * len(plan.placement)
-            task = progress.add_task("quantizing", total=plan.source_bytes, done=0, of=n_tensors, unit="tensors")
-            t0 = time.perf_counter()
-            mem = AnonPeak()
-            _write_dense(plan, tmp, progress, task, mem)
-            ranges = _write_experts(plan, tmp, calibration, progress, task, mem)
-            seconds = time.perf_counter() - t0
-            manifest = _manifest(plan, str(src_ref), src, ranges, calibration)
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
-            _verify(tmp, progress)
+        if calibration_path is not None:
+            progress.begin("calibrating", None, "?", "tokens")
+            calibration = calibrate(src, calibration_path, calibration_tokens,
+                                    progress=lambda n: progress.advance("calibrating", n))
+        tmp.mkdir()
+        for name in COPIED_FILES:
+            if (src / name).is_file():
+                shutil.copyfile(src / name, tmp / name)
+        n_tensors = len(plan.dense) + 3 * len(plan.placement)
+        progress.begin("quantizing", plan.source_bytes, n_tensors, "tensors")
+        t0 = time.perf_counter()
+        mem = AnonPeak()
+        _write_dense(plan, tmp, progress, mem)
+        ranges = _write_experts(plan, tmp, calibration, progress, mem)
+        seconds = time.perf_counter() - t0
+        manifest = _manifest(plan, str(src_ref), src, ranges, calibration)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+        _verify(tmp, progress)
         _install(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -37,6 +37,7 @@ from moe_local.errors import CheckpointError
 from moe_local.experts import ExpertWeights
 from moe_local.formats.schemes import PackedWeight, get_scheme
 from moe_local.loading.checkpoint import check_shape, read_json
+from moe_local.units import BY_TORCH, DTYPES, dtype_name
 
 FORMAT = "moe-local-pack"
 VERSION = 1
@@ -60,27 +61,6 @@ COPIED_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
-
-ST_DTYPES: dict[torch.dtype, str] = {
-    torch.bool: "BOOL",
-    torch.uint8: "U8",
-    torch.int8: "I8",
-    torch.int16: "I16",
-    torch.uint16: "U16",
-    torch.int32: "I32",
-    torch.uint32: "U32",
-    torch.int64: "I64",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.float32: "F32",
-    torch.float64: "F64",
-}
-DTYPE_BY_NAME: dict[str, torch.dtype] = {str(d).removeprefix("torch."): d for d in ST_DTYPES}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
 
 def expert_tensor_name(layer: int, expert: int, proj: str, part: str) -> str:
     """The name a packed expert tensor carries in an expert file (docs/pack-format.md)."""
@@ -166,9 +146,9 @@ class PackedExpertLayout:
             for proj, p in data["projections"].items():
                 slots = []
                 for name, t in p["tensors"].items():
-                    if t["dtype"] not in DTYPE_BY_NAME:
+                    if t["dtype"] not in DTYPES:
                         raise CheckpointError(f"unknown dtype {t['dtype']!r} for tensor {proj}.{name}", where)
-                    slot = TensorSlot(name, DTYPE_BY_NAME[t["dtype"]], tuple(t["shape"]), int(t["offset"]))
+                    slot = TensorSlot(name, DTYPES[t["dtype"]].torch, tuple(t["shape"]), int(t["offset"]))
                     if slot.offset % TENSOR_ALIGN or slot.nbytes != int(t["nbytes"]):
                         raise CheckpointError(f"layout of tensor {proj}.{name} is inconsistent", where)
                     slots.append(slot)
@@ -238,7 +218,7 @@ class SafetensorsPlan:
         """8-byte length + JSON padded with spaces so that the data section starts at a multiple of ALIGN."""
         obj: dict[str, Any] = {"__metadata__": metadata}
         for e in self.entries:
-            obj[e.name] = {"dtype": ST_DTYPES[e.dtype], "shape": list(e.shape), "data_offsets": [e.offset, e.offset + e.nbytes]}
+            obj[e.name] = {"dtype": BY_TORCH[e.dtype].safetensors, "shape": list(e.shape), "data_offsets": [e.offset, e.offset + e.nbytes]}
         text = json.dumps(obj, separators=(",", ":")).encode()
         total = align_up(8 + len(text), ALIGN)
         text += b" " * (total - 8 - len(text))

@@ -158,6 +158,9 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self.rope: Rope | None = None
         self.max_len = 0
+        # bumped by every forward and every setup_cache: whatever may have changed the KV cache's
+        # contents, so a caller that keeps a prefix there can tell whether someone else wrote it since
+        self.kv_version = 0
         self._listeners: list[tuple[frozenset[tuple[int, str]], Callable[[int, torch.Tensor, str], None]]] = []
         self._taps: dict[int, Tap] = {}
 
@@ -173,6 +176,7 @@ class CausalLM(nn.Module):
         """Allocate the KV cache (and rope tables) for sequences of up to max_len tokens."""
         device, dtype = self.lm_head.weight.device, self.lm_head.weight.dtype
         self.max_len = max_len
+        self.kv_version += 1
         self.rope = self.make_rope(max_len, device, dtype)
         for layer in self.model.layers:
             layer.self_attn.setup_cache(max_len, device, dtype)
@@ -244,6 +248,7 @@ class CausalLM(nn.Module):
         if start + T > self.max_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds the cache of {self.max_len}")
         assert self.rope is not None
+        self.kv_version += 1
         rope = self.rope(start, T)
         x = self.model.embed_tokens(tokens)
         for i, layer in enumerate(self.model.layers):

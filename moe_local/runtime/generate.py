@@ -35,6 +35,12 @@ class GenerateOptions:
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
 
+    def validate(self) -> None:
+        """One line naming the flag for a bad value (front ends call it before loading a model)."""
+        self.sampling.validate()
+        if self.max_tokens < 0:
+            raise GenerationError(f"--max-tokens must be >= 0, got {self.max_tokens}")
+
 
 @dataclass
 class TokenEvent:
@@ -163,6 +169,7 @@ class Generator:
         self.reuse_prefix = reuse_prefix
         self._capacity = 0
         self._cached: list[int] = []  # ids whose keys/values are valid in the cache, from position 0
+        self._seen: int | None = None  # the model's kv_version after our last use of its cache
 
     @property
     def context_length(self) -> int:
@@ -190,16 +197,16 @@ class Generator:
         Growing re-allocates the cache and so forgets it; a chat reserves a generous size up front.
         """
         need = min(need, self.context_length)
-        if getattr(self.model, "kv_owner", None) is not self or self.model.max_len != self._capacity:
+        if self.model.kv_version != self._seen or self.model.max_len != self._capacity:
             # Another Generator (or caller) used this model's cache since: nothing in it is ours.
             self._capacity = self.model.max_len  # its size is still usable, its contents are not
             self._cached = []
-            self.model.kv_owner = self
         if need > self._capacity:
             # Grow geometrically so a chat does not re-allocate (and re-prefill) every turn.
             self._capacity = min(self.context_length, max(need, 2 * self._capacity))
             self.model.setup_cache(self._capacity)
             self._cached = []
+        self._seen = self.model.kv_version
         return len(self._cached)
 
     def _common_prefix(self, prompt_ids: Sequence[int]) -> int:
@@ -216,8 +223,7 @@ class Generator:
         options = options or GenerateOptions()
         prompt = [int(t) for t in prompt_ids]
         self.check_prompt(prompt)
-        if options.max_tokens < 0:
-            raise GenerationError(f"--max-tokens must be >= 0, got {options.max_tokens}")
+        options.validate()
         sampler = Sampler(options.sampling, self.lm.device)
         return GenerationStream(lambda s: self._run(s, prompt, options, sampler))
 
@@ -230,7 +236,10 @@ class Generator:
         # Positions >= start are overwritten (or left stale if the forward fails): forget them first.
         del self._cached[start:]
         tokens = torch.tensor(ids, dtype=torch.long, device=self.lm.device)
-        logits = self.model(tokens, start, last_only=True)
+        try:
+            logits = self.model(tokens, start, last_only=True)
+        finally:  # even interrupted, only positions >= start were touched: the prefix stays ours
+            self._seen = self.model.kv_version
         self._cached += ids  # in place: a decode step must not copy the whole history
         return logits[-1]
 

@@ -15,8 +15,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from moe_local.cache.budget import min_budget
 from moe_local.errors import CheckpointError
 from moe_local.loading.checkpoint import Checkpoint
@@ -24,12 +22,9 @@ from moe_local.loading.hub import resolve_model_dir
 from moe_local.formats.pack import Pack, is_pack, read_st_header
 from moe_local.formats.schemes import get_scheme
 from moe_local.models.weights import checkpoint_experts, resident_bytes
-from moe_local.runtime.loader import build_model_for
+from moe_local.runtime.loader import build_model_for, resolve_dtype
+from moe_local.units import BY_SAFETENSORS, DTYPES, format_bytes, layer_ranges
 
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
-               "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-RUN_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def read_safetensors_header(path: Path) -> dict[str, dict]:
@@ -84,6 +79,7 @@ def _shared_experts(config: dict) -> int:
 
 
 def summarize(ref: str | Path, run_dtype: str = "bfloat16") -> ModelSummary:
+    resolve_dtype(run_dtype)  # a bad --dtype is refused before anything is read
     root = resolve_model_dir(ref)
     if is_pack(root):
         return summarize_pack(root, run_dtype)
@@ -102,8 +98,8 @@ def summarize(ref: str | Path, run_dtype: str = "bfloat16") -> ModelSummary:
     per_expert = _expert_params(a)
     return _summary(
         model, root, ckpt.config, run_dtype,
-        expert_run_bytes=len(a.moe_layers) * per_expert * RUN_DTYPE_BYTES[run_dtype],
-        checkpoint_dtype=dtype, checkpoint_bytes=on_disk, bytes_per_expert=per_expert * DTYPE_BYTES.get(dtype, 2),
+        expert_run_bytes=len(a.moe_layers) * per_expert * DTYPES[run_dtype].itemsize,
+        checkpoint_dtype=dtype, checkpoint_bytes=on_disk, bytes_per_expert=per_expert * (BY_SAFETENSORS[dtype].itemsize if dtype in BY_SAFETENSORS else 2),
     )
 
 
@@ -146,9 +142,10 @@ def _summary(model, root: Path, config: dict, run_dtype: str, expert_run_bytes: 
                 if not (a.tie_word_embeddings and n == "lm_head.weight"))
     per_expert = _expert_params(a)
     n_moe = len(a.moe_layers)
-    resident = resident_bytes(model, _TORCH_DTYPES[run_dtype])  # before any KV cache exists
-    kv_per_token = model.kv_cache_bytes(1, _TORCH_DTYPES[run_dtype])  # sized on the meta device
-    bpe = RUN_DTYPE_BYTES[run_dtype]
+    run = DTYPES[run_dtype]
+    resident = resident_bytes(model, run.torch)  # before any KV cache exists
+    kv_per_token = model.kv_cache_bytes(1, run.torch)  # sized on the meta device
+    bpe = run.itemsize
     ctx = int(a.max_position_embeddings)
     kv_total = kv_per_token * ctx
     return ModelSummary(
@@ -165,22 +162,6 @@ def _summary(model, root: Path, config: dict, run_dtype: str, expert_run_bytes: 
     )
 
 
-def layer_ranges(layers: list[int], sep: str = ", ") -> str:
-    """[1, 2, 3, 6] -> "1-3, 6" (for tables and messages)."""
-    parts: list[str] = []
-    start = prev = None
-    for x in sorted(layers):
-        if prev is not None and x == prev + 1:
-            prev = x
-            continue
-        if start is not None:
-            parts.append(f"{start}-{prev}" if prev != start else str(start))
-        start = prev = x
-    if start is not None:
-        parts.append(f"{start}-{prev}" if prev != start else str(start))
-    return sep.join(parts)
-
-
 def pack_rows(pack: dict[str, Any]) -> list[tuple[str, str]]:
     """Table rows for a pack: what it was made from, the scheme of every tensor group, bytes per expert."""
     src = pack.get("source") or {}
@@ -191,7 +172,7 @@ def pack_rows(pack: dict[str, Any]) -> list[tuple[str, str]]:
         ("routed experts", f"{pack['expert_bits_per_weight']:.3f} bits/weight (scales included)"),
         ("source", str(src.get("ref") or src.get("path") or "?")),
         ("recipe", str(recipe.get("name", "?"))),
-        ("dense weights", f"{dense['scheme']} in {dense['file']} ({human_bytes(dense['bytes'])})"),
+        ("dense weights", f"{dense['scheme']} in {dense['file']} ({format_bytes(dense['bytes'])})"),
     ]
     for g in pack["groups"]:
         params = dict(g["params"])
@@ -206,37 +187,16 @@ def pack_rows(pack: dict[str, Any]) -> list[tuple[str, str]]:
     for layer, n in pack["bytes_per_expert"].items():
         by_size.setdefault(int(n), []).append(int(layer))
     for n, layers in sorted(by_size.items(), key=lambda kv: min(kv[1])):
-        rows.append((f"bytes per expert, layers {layer_ranges(layers)}", f"{human_bytes(n)} ({n} bytes, one aligned read)"))
+        rows.append((f"bytes per expert, layers {layer_ranges(layers)}", f"{format_bytes(n)} ({n} bytes, one aligned read)"))
     return rows
 
 
 def pack_size_text(weight_bytes: int, other_bytes: int, approx: bool = False) -> str:
     """One wording for a pack's size in `quantize --dry-run`, the quantize summary and `inspect`
     (measured by pack.pack_size; the dry run's manifest is an estimate, hence approx)."""
-    total = human_bytes(weight_bytes + other_bytes)
-    return (f"{'~' if approx else ''}{total} on disk = weight files {human_bytes(weight_bytes)} (tensors, headers, "
-            f"alignment padding) + manifest, config and tokenizer {human_bytes(other_bytes)}")
+    total = format_bytes(weight_bytes + other_bytes)
+    return (f"{'~' if approx else ''}{total} on disk = weight files {format_bytes(weight_bytes)} (tensors, headers, "
+            f"alignment padding) + manifest, config and tokenizer {format_bytes(other_bytes)}")
 
 
-def human_bytes(n: float) -> str:
-    """1536 -> "1.50 KiB"; bytes below 1 KiB stay whole ("512 B")."""
-    return _scaled(n, 1024, ("B", "KiB", "MiB", "GiB", "TiB"), " ")
-
-
-def human_count(n: float) -> str:
-    """1_500_000 -> "1.50M"; counts below 1000 stay whole."""
-    return _scaled(n, 1000, ("", "K", "M", "B", "T"), "")
-
-
-def _scaled(n: float, step: int, units: tuple[str, ...], sep: str) -> str:
-    for unit in units[:-1]:
-        if abs(n) < step:
-            break
-        n /= step
-    else:
-        unit = units[-1]
-    return f"{n:.0f}{sep}{unit}" if unit == units[0] else f"{n:.2f}{sep}{unit}"
-
-
-__all__ = ["ModelSummary", "human_bytes", "human_count", "pack_rows", "pack_size_text", "read_safetensors_header", "summarize",
-           "summarize_pack"]
+__all__ = ["ModelSummary", "pack_rows", "pack_size_text", "read_safetensors_header", "summarize", "summarize_pack"]

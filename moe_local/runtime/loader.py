@@ -9,18 +9,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
+from moe_local.cache.options import CacheOptions, provider_factory
 from moe_local.errors import CheckpointError, ConfigError, MoeLocalError
 from moe_local.experts import ExpertProvider, ExpertSource, ResidentExperts
 from moe_local.formats.pack import Pack, is_pack
 from moe_local.loading.checkpoint import Checkpoint
 from moe_local.loading.hub import resolve_model_dir
 from moe_local.models import CausalLM, build_model, checkpoint_experts, load_weights
+from moe_local.units import DTYPES, RUN_DTYPES
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 ProviderFactory = Callable[[ExpertSource, CausalLM, torch.device, torch.dtype], ExpertProvider]
 
@@ -37,13 +38,57 @@ def default_dtype(device: torch.device) -> torch.dtype:
 def resolve_device(name: str | None) -> torch.device:
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    bad = MoeLocalError(f"--device must be cpu, cuda, cuda:N or auto, got {name!r}")
+    if name.split(":")[0] not in ("cpu", "cuda"):
+        raise bad
     try:
         device = torch.device(name)
     except RuntimeError:  # torch's message ("Invalid device string") names no flag and comes with a traceback
-        raise MoeLocalError(f"--device must be cpu, cuda, cuda:N or auto, got {name!r}") from None
+        raise bad from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise MoeLocalError("--device cuda asked for, but torch sees no CUDA device")
     return device
+
+
+def resolve_dtype(name: str | torch.dtype | None, device: torch.device | None = None) -> torch.dtype:
+    """A --dtype value (None: the device's default) as a torch dtype; anything else is refused."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name is None:
+        return default_dtype(device or torch.device("cpu"))
+    if name not in RUN_DTYPES:
+        raise MoeLocalError(f"--dtype must be one of {', '.join(RUN_DTYPES)}, got {name!r}")
+    return DTYPES[name].torch
+
+
+EXPERT_MODES = ("tiered", "resident")
+
+
+@dataclass
+class LoadOptions:
+    """Where a model runs and where its routed experts live: what the `generate` / `chat` flags say."""
+
+    device: str | None = None
+    dtype: str | None = None
+    experts: str = "tiered"  # tiered: paged through the expert cache (moe_local.cache); resident: all loaded
+    cache: CacheOptions = field(default_factory=CacheOptions)
+
+    def check(self) -> None:
+        """Refuse a bad value before anything is read, in one line naming the flag."""
+        resolve_dtype(self.dtype)
+        resolve_device(self.device)  # a bad cuda:N, or cuda without CUDA, fails here too
+        if self.experts not in EXPERT_MODES:
+            raise MoeLocalError(f"--experts must be tiered or resident, got {self.experts!r}")
+        if self.experts == "tiered":
+            self.cache.validate()
+
+    def provider(self) -> ProviderFactory:
+        """The one place that decides where experts live: the tiered cache, or all resident."""
+        return resident_provider if self.experts == "resident" else provider_factory(self.cache)
+
+    def report_options(self) -> dict:
+        """What a run report records of these options (the cache's; nothing when experts are resident)."""
+        return self.cache.report_dict() if self.experts == "tiered" else {}
 
 
 @dataclass
@@ -55,7 +100,6 @@ class LoadedModel:
     provider: ExpertProvider
     device: torch.device
     dtype: torch.dtype
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 def open_weights(root: Path):
@@ -94,7 +138,7 @@ def load_model(
 ) -> LoadedModel:
     """Resolve, build, fill and attach experts. Raises MoeLocalError subclasses on bad input."""
     dev = resolve_device(device) if not isinstance(device, torch.device) else device
-    dt = DTYPES[dtype] if isinstance(dtype, str) else (dtype or default_dtype(dev))
+    dt = resolve_dtype(dtype, dev)
     root = resolve_model_dir(ref, revision)
     weights = open_weights(root)
     model = build_model_for(weights.config, root)

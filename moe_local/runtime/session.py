@@ -15,11 +15,22 @@ from moe_local.errors import GenerationError
 from moe_local.runtime.chat_template import Message, pick_template, plain_chat, render_chat
 from moe_local.runtime.generate import GenerateOptions, GenerationResult, GenerationStream, Generator, StepInfo
 from moe_local.runtime.loader import LoadedModel, ProviderFactory, load_model, resident_provider
+from moe_local.runtime.report import run_report
 from moe_local.loading.hub import resolve_model_dir
 from moe_local.runtime.tokenizer import Tokenizer, load_tokenizer
 
 NO_TOKENIZER = (
     "has no tokenizer.json, so text cannot be tokenized; give token ids with `moe-local generate --prompt-ids 1,2,3`")
+NO_PROMPT = "give a prompt: --prompt TEXT or --prompt-ids 1,2,3"
+
+
+def check_prompt_options(prompt: str | None, ids: Sequence[int] | str | None, chat: bool = False,
+                         system: str | None = None) -> None:
+    """A prompt is text or token ids, not both and not neither: refused before any model is loaded."""
+    if prompt is None and ids is None:
+        raise GenerationError(NO_PROMPT)
+    if ids is not None and (prompt is not None or chat or system is not None):
+        raise GenerationError("--prompt-ids is the whole prompt: do not combine it with --prompt, --chat or --system")
 
 
 @dataclass
@@ -68,7 +79,7 @@ class Session:
         if ids is not None:
             return [int(t) for t in ids]
         if prompt is None:
-            raise GenerationError("give a prompt: --prompt TEXT or --prompt-ids 1,2,3")
+            raise GenerationError(NO_PROMPT)
         if chat:
             return self.chat_ids(conversation(system, [("user", prompt)]))
         return self.require_tokenizer().encode(prompt)
@@ -78,20 +89,27 @@ class Session:
 
     def run_report(self, result: "GenerationResult", options: dict | None = None) -> dict:
         """The `--stats-json` object for one reply: timings, plus the cache section when experts are tiered."""
-        from moe_local.cache.stats import run_report
-
         t = result.timings
-        report_fn = getattr(self.lm.provider, "report", None)
         report = run_report(
             model=str(self.lm.root), device=str(self.lm.device), dtype=str(self.lm.dtype).removeprefix("torch."),
             options=options or {}, prompt_tokens=t.prompt_tokens, generated_tokens=t.generated_tokens,
             ttft_s=t.ttft_s, prompt_s=t.prefill_s, token_latencies_s=t.token_latencies_s[1:],
-            cache=report_fn() if callable(report_fn) else None,
+            cache=self.cache_report(),
         )
         # A chat turn reuses the earlier turns' keys/values: only the new tokens were prefilled.
         report["tokens"]["cached"] = t.cached_tokens
         report["timings"]["prompt_tps"] = t.prompt_tps
         return report
+
+    def cache_report(self) -> dict | None:
+        """The expert provider's counters (the run report's "cache" section); None when experts are resident."""
+        report = getattr(self.lm.provider, "report", None)
+        return report() if callable(report) else None
+
+    def cache_stats(self) -> dict | None:
+        """The expert cache's live figures (`TieredExperts.live()`); None when the experts are resident."""
+        live = getattr(self.lm.provider, "live", None)
+        return live() if callable(live) else None
 
     def close(self) -> None:
         """Let the expert provider finish in-flight transfers and write its routing trace."""
@@ -143,4 +161,4 @@ class ChatSession:
         return stream
 
 
-__all__ = ["ChatSession", "Session", "StepInfo", "conversation"]
+__all__ = ["ChatSession", "Session", "StepInfo", "check_prompt_options", "conversation"]

@@ -4,7 +4,7 @@
     packed = scheme.quantize(w)                 # {"codes": uint8, "scales": bf16, "zeros": uint8}
     y = PackedWeight(scheme, packed, w.shape).linear(x)
 
-See base.py for what a scheme is and /work/notes/quant-contract.md for the contract with the pack.
+See base.py for what a scheme is and docs/pack-format.md for how a pack stores its tensors.
 
 Storage per weight, scales and zero points included (Mixtral expert 14336x4096; all scales bf16):
 

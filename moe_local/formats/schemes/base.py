@@ -1,8 +1,8 @@
 """What every quantization scheme shares: parameters, grouping, scale storage and the chunked matmul.
 
-A scheme turns ONE 2-D weight `w [out, in]` into a few named, plain, contiguous CPU tensors (see
-/work/notes/quant-contract.md). Rows of `w` are output channels; groups run along the input
-dimension, so every packed tensor has the output channel as its first axis and a row range of
+A scheme turns ONE 2-D weight `w [out, in]` into a few named, plain, contiguous CPU tensors (its
+`tensor_specs`: all the pack format needs to know, see docs/pack-format.md). Rows of `w` are output
+channels; groups run along the input dimension, so every packed tensor has the output channel as its first axis and a row range of
 the weight is a row range of every packed tensor (that is what lets `linear` work in chunks and
 what a future split across devices would use).
 """
@@ -15,15 +15,12 @@ import torch
 import torch.nn.functional as F
 
 from moe_local.errors import MoeLocalError
+from moe_local.units import DTYPES
 from moe_local.formats.schemes.bits import unpack_nibbles
 
 TensorSpecs = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
-SCALE_DTYPES: dict[str, torch.dtype] = {
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "float32": torch.float32,
-}
+SCALE_DTYPES = ("bfloat16", "float16", "float32")  # what a scheme may store its scales in
 
 # Elements of one float32 expanded chunk inside `linear` (4 MiB): bounds the kernel's scratch
 # memory whatever the weight's size and keeps the expand passes in cache (see the benchmark).
@@ -258,7 +255,7 @@ def check_group_size(name: str, g: Any, allow_none: bool = False, multiple_of: i
 def check_scale_dtype(name: str, value: Any) -> torch.dtype:
     if value not in SCALE_DTYPES:
         raise MoeLocalError(f"scheme {name!r}: scale_dtype must be one of {', '.join(SCALE_DTYPES)}, got {value!r}")
-    return SCALE_DTYPES[value]
+    return DTYPES[value].torch
 
 
 def n_groups(in_f: int, g: int) -> int:

@@ -1,9 +1,9 @@
 """Render a run report (`generate --stats-json FILE`) as rich tables, and optionally as a PNG.
 
-The report is one JSON object, format "moe-local-run-report" v1 (notes/cache-contract.md). Sections
-a run did not produce (no GPU tier without CUDA, no prefetch section at depth 0, an empty latency
-list) are simply left out of the rendering rather than shown as zeros, so a table never claims a
-measurement that was not made.
+The report is one JSON object, format "moe-local-run-report" v1 (runtime/report.py reads and checks
+it). Sections a run did not produce (no GPU tier without CUDA, no prefetch section at depth 0, an
+empty latency list) are simply left out of the rendering rather than shown as zeros, so a table
+never claims a measurement that was not made.
 
 `--plot` needs matplotlib, which is *not* a dependency of moe-local (a 40 MB install for one
 optional picture); without it the command says so in one line.
@@ -11,50 +11,17 @@ optional picture); without it the command says so in one line.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console, Group
+from rich.console import Group
 from rich.table import Table
 
-from moe_local.cache.trace import check_format_marker
 from moe_local.errors import MoeLocalError
-
-REPORT_FORMAT = "moe-local-run-report"
-REPORT_VERSION = 1
-
-
-def load_report(path: str | Path) -> dict:
-    """Read and check the parts every renderer relies on; one-line MoeLocalError otherwise."""
-    path = Path(path)
-    if not path.exists():
-        raise MoeLocalError("run report not found", path)
-    if not path.is_file():
-        raise MoeLocalError("not a file", path)
-    try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise MoeLocalError("not a text file; expected a JSON run report", path) from None
-    except json.JSONDecodeError as exc:
-        raise MoeLocalError(f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}", path) from None
-    check_format_marker(report, REPORT_FORMAT, REPORT_VERSION, "run report", path)
-    for key in ("options", "tokens", "timings", "cache"):
-        if key in report and not isinstance(report[key], dict):
-            raise MoeLocalError(f"field {key!r} must be an object", path)
-    cache = report.get("cache", {})
-    for key in ("tiers", "prefetch", "bytes"):
-        if key in cache and not isinstance(cache[key], dict):
-            raise MoeLocalError(f"field 'cache.{key}' must be an object", path)
-    layers = cache.get("layers", [])
-    if not isinstance(layers, list) or not all(isinstance(x, dict) for x in layers):
-        raise MoeLocalError("field 'cache.layers' must be a list of objects", path)
-    lat = report.get("timings", {}).get("token_latencies_s", [])
-    if not isinstance(lat, list) or not all(_is_num(x) for x in lat):
-        raise MoeLocalError("field 'timings.token_latencies_s' must be a list of numbers", path)
-    return report
+from moe_local.runtime.report import check_output_dir
+from moe_local.units import format_bytes
 
 
 def _is_num(x: Any) -> bool:
@@ -72,12 +39,7 @@ def _num(x: Any, fmt: str = "{:,}") -> str:
 
 
 def _bytes(n: Any) -> str:
-    if not _is_num(n):
-        return "-"
-    for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n:.0f} B" if isinstance(n, float) else f"{n} B"
+    return format_bytes(n) if _is_num(n) else "-"
 
 
 def _seconds(x: Any) -> str:
@@ -180,10 +142,6 @@ def _layer_rate(row: dict) -> float | None:
     return hits / uses if _is_num(uses) and _is_num(hits) and uses else None
 
 
-def print_report(report: dict, console: Console) -> None:
-    console.print(render_report(report))
-
-
 def _pyplot():
     try:
         import matplotlib
@@ -195,14 +153,6 @@ def _pyplot():
             "--plot needs matplotlib, which moe-local does not install: pip install matplotlib"
         ) from None
     return plt
-
-
-def check_output_dir(out: str | Path) -> None:
-    """Fail before a run (or a render) whose result could not be written: a typo'd directory would
-    otherwise only show after the whole generation."""
-    parent = Path(out).parent
-    if not parent.is_dir():
-        raise MoeLocalError("directory does not exist", parent)
 
 
 def check_plot_target(out: str | Path) -> None:
