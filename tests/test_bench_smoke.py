@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.cache_fixtures import one_thread  # noqa: F401 (autouse fixture)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,7 +60,7 @@ def test_store_is_int4_and_checksummed(bench, tmp_path):
 
 
 def test_replay_of_a_recorded_trace(bench, tmp_path):
-    from tests.cache_fixtures import make_mixtral_pack, run, tiered_factory
+    from tests.cache_helpers import make_mixtral_pack, run, tiered_factory
 
     pack = make_mixtral_pack(tmp_path / "m")
     trace = tmp_path / "t.jsonl"

@@ -18,9 +18,9 @@ from moe_local.experts import ResidentExperts
 from moe_local.formats.pack import Pack
 from moe_local.runtime.loader import load_model
 from moe_local.units import GiB, MiB, parse_size
-from moe_local.models.lookahead import RouterLookahead
-from tests.cache_fixtures import (eval_ids, make_deepseek_pack, make_mixtral_pack, one_thread, pack,  # noqa: F401
-                                  run, tiered_factory)
+from tests.cache_helpers import eval_ids, make_deepseek_pack, make_mixtral_pack, run, tier, tiered_factory
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 H = 64  # hidden size of the tiny Mixtral
 
@@ -104,7 +104,7 @@ def test_lru_hits_misses_evictions_by_hand_and_outputs_equal_resident(pack):
     c = p.report()
     assert (c["uses"], c["tiers"]["ram"]["hits"], c["tiers"]["ram"]["misses"], c["tiers"]["ram"]["evictions"]) == (8, 3, 5, 2)
     assert c["hit_rate"] == pytest.approx(3 / 8)
-    assert set(p.host.table.cached_keys()) == {(1, 1), (1, 2), (1, 3)}
+    assert tier(p).cached == {(1, 1), (1, 2), (1, 3)}
     assert c["bytes"]["disk_to_ram"] == 5 * Pack(pack).expert_nbytes(1, 0)
     p.close()
 
@@ -119,8 +119,8 @@ def test_wide_prefill_layer_streams_without_flushing_the_cache(pack):
     c = p.report()
     assert c["streamed_uses"] == 4  # experts 4..7 passed through transient slots
     assert c["tiers"]["ram"]["evictions"] <= p.stream_window  # at most a window of the cache was given up
-    assert {(1, 0)} <= set(p.host.table.cached_keys())  # the hit stayed; transients were never inserted
-    assert not p.host.table.transient and not p.host.table.pins
+    assert {(1, 0)} <= tier(p).cached  # the hit stayed; transients were never inserted
+    assert not tier(p).transient and not tier(p).pins
     p.close()
 
 
@@ -162,7 +162,7 @@ def test_prefetch_never_evicts_an_expert_needed_now(pack):
     y, args = call(p, 0, [[0, 1]], seed=4)
     assert torch.equal(y, ref.forward(*args))
     assert p.report()["prefetch"]["issued"] == 0
-    assert set(p.host.table.cached_keys()) == {(0, 0), (0, 1)}
+    assert tier(p).cached == {(0, 0), (0, 1)}
     p.close()
 
 
@@ -175,11 +175,20 @@ def test_router_lookahead_predicts_and_counts(pack, prompt):
     assert 0.0 < pf["router_recall"] <= 1.0
 
 
-class MoeLayersOnly(RouterLookahead):
-    """The lookahead as it was before the first MoE layer got its own predictions: MoE layers only."""
+class MoeLayersOnly:
+    """The look-ahead as it was before the first MoE layer got its own predictions: MoE layers only."""
+
+    def __init__(self, model, depth, extra):
+        self.inner, self.depth, self.extra = model.lookahead(depth, extra), depth, extra
 
     def sources(self):
         return []
+
+    def listen(self, callback):
+        raise AssertionError("a predictor without sources is never listened to")
+
+    def predict(self, layer, x, site="mlp"):
+        return self.inner.predict(layer, x, site)
 
 
 def test_first_moe_layer_is_predicted_and_the_model_stops_calling_after_close(pack, prompt, tmp_path):
@@ -209,7 +218,7 @@ def test_dense_layer_and_attention_hooks_lift_the_first_moe_layer(shared_model, 
     pack = make_deepseek_pack(shared_model, tmp_path)
     ids = eval_ids(shared_model, 64).tolist()
     results = {}
-    for cls in (MoeLayersOnly, RouterLookahead):
+    for cls in (MoeLayersOnly, None):
         lm = load_model(pack, device="cpu", dtype="float32",
                         provider=tiered_factory(96, "arc", depth=1, extra=2, predictor_cls=cls))
         lm.model.setup_cache(len(ids))
@@ -218,7 +227,7 @@ def test_dense_layer_and_attention_hooks_lift_the_first_moe_layer(shared_model, 
         c = lm.provider.report()
         assert c["tokens"]["decode"] == len(ids)
         results[cls] = logits, {r["layer"]: r["hit_rate"] for r in c["layers"]}
-    (before, hits_before), (after, hits_after) = results[MoeLayersOnly], results[RouterLookahead]
+    (before, hits_before), (after, hits_after) = results[MoeLayersOnly], results[None]
     assert torch.equal(before, after)
     assert lm.model.lookahead(1).sources() == [(0, "mlp"), (1, "attn")]
     assert hits_after[1] >= hits_before[1] + 0.15, (hits_before, hits_after)
@@ -312,7 +321,7 @@ def test_corrupt_expert_range_is_a_clear_error_never_wrong_tokens(tmp_path, prom
     for _ in range(2):
         with pytest.raises(MoeLocalError, match="layer 1 expert 5"):
             call(p, 1, [[5, 0]])
-    assert (1, 5) not in p.host.table and not p.host.table.pins
+    assert (1, 5) not in tier(p).cached | tier(p).transient and not tier(p).pins
     y, args = call(p, 1, [[0, 1]])  # the rest of the pack still serves correct results
     assert torch.equal(y, ResidentExperts(Pack(pack)).forward(*args))
     p.close()
@@ -381,15 +390,12 @@ def test_random_schedules_keep_results_and_slots_consistent(pack):
                 ids = [rng.sample(range(8), 2) for _ in range(T)]
                 y, args = call(p, layer, ids, seed=step * 3 + layer)
                 assert torch.equal(y, ref.forward(*args)), (seed, step, layer)
-                for tier in (p.host, p.gpu):
-                    if tier is None:
-                        continue
-                    assert not tier.table.transient and len(tier.table) <= tier.capacity
-                    assert all(n > 0 for n in tier.table.pins.values())
+                for state in p.tier_states():
+                    assert not state.transient and state.used <= state.capacity
+                    assert all(n > 0 for n in state.pins.values())
         p.drain()
-        for tier in (p.host, p.gpu):
-            if tier is not None:
-                assert not tier.table.pins and not tier.table.transient
+        for state in p.tier_states():
+            assert not state.pins and not state.transient
         c = p.report()
         assert c["uses"] == sum(r["uses"] for r in c["layers"])
         assert c["prefetch"]["used"] + c["prefetch"]["wasted"] <= c["prefetch"]["issued"]

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from moe_local.cli.app import app
+from tests.tiny import assert_one_line_error
 from tests.tiny_tokenizer import save_chat_model
 
 runner = CliRunner()
@@ -33,16 +34,6 @@ def model(good, tmp_path) -> Path:
     dst = tmp_path / "model"
     shutil.copytree(good, dst)
     return dst
-
-
-def assert_one_line_error(output: str, exit_code: int, *needles: str) -> str:
-    assert exit_code != 0
-    assert "Traceback" not in output
-    errors = [line for line in output.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, output
-    for needle in needles:
-        assert needle in errors[0], errors[0]
-    return errors[0]
 
 
 def cli_error(*args, **kw) -> str:

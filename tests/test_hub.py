@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 
 from moe_local.cli.app import app
 from moe_local.formats.pack import MANIFEST
-from tests.test_errors import assert_one_line_error
+from tests.tiny import assert_one_line_error
 from tests.tiny_tokenizer import save_chat_model
 
 REPO = "tiny-org/tiny-mixtral"

@@ -12,8 +12,9 @@ import torch
 
 from moe_local.cache.options import CacheOptions, provider_factory
 from moe_local.cache.simulate import future_from_trace
-from tests.cache_fixtures import (eval_ids, make_deepseek_pack, one_thread, pack, run,  # noqa: F401 (fixtures)
-                                  tiered_factory)
+from tests.cache_helpers import eval_ids, make_deepseek_pack, run, tier, tiered_factory
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +67,7 @@ def test_mixtral_two_tier_grid_is_bit_identical(mixtral, gpu_slots, host_slots):
             # Small device tiers without prefetch must miss during decode: those experts ran on the CPU.
             # (With prefetch, whether a miss happens depends on transfer timing.)
             assert c["cpu_computed"] > 0, where
-        assert not lm.provider.host.table.pins and not lm.provider.gpu.table.pins, where
+        assert not tier(lm.provider, "ram").pins and not tier(lm.provider, "gpu").pins, where
 
 
 @pytest.mark.parametrize("ram", ["700KiB", "1MiB", "64MiB"])
@@ -74,7 +75,7 @@ def test_mixtral_byte_budgets_through_cache_options(mixtral, ram):
     pack, ids, ref_logits, ref_tokens, _ = mixtral
     logits, tokens, lm = run(pack, ids, provider_factory(CacheOptions(ram=ram, policy="arc", prefetch_depth=1)))
     assert torch.equal(logits, ref_logits) and tokens == ref_tokens
-    assert lm.provider.plan.host_slots == lm.provider.host.capacity
+    assert lm.provider.plan.host_slots == tier(lm.provider).capacity
 
 
 def test_mixtral_checkpoint_without_pack_runs_through_the_adapter(mixtral):

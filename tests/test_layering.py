@@ -1,5 +1,6 @@
 """The layering stays true: imports inside moe_local only go down, models and cache never import each
-other, and presentation libraries (rich, typer, matplotlib) are used by cli/ alone.
+other, no modules import each other in a loop, and presentation libraries (rich, typer, matplotlib)
+are used by cli/ alone.
 
 Every import statement counts, function-level ones included (they once hid a cycle). README's
 architecture section draws the same layers.
@@ -92,6 +93,63 @@ def presentation_outside_cli() -> list[str]:
             for line, target in imports(path) if target.split(".")[0] in PRESENTATION]
 
 
+def module_imports() -> dict[str, set[str]]:
+    """moe_local module -> the moe_local modules it imports (`from pkg import sub` counts as pkg.sub)."""
+    paths = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in paths.items():
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        targets: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(anchor + ([base] if base else []))
+                subs = {f"{base}.{a.name}" for a in node.names} & set(paths)
+                targets |= subs if len(subs) == len(node.names) else subs | {base}
+        graph[name] = {t for t in targets if t in paths and t != name}
+    return graph
+
+
+def cycles() -> list[list[str]]:
+    """Every loop of imports among moe_local modules (strongly connected groups of two or more)."""
+    graph, index, low, stack, on, out = module_imports(), {}, {}, [], set(), []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                out.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_loops():
+    """A loop (two modules needing each other, even under TYPE_CHECKING) means one of them is in the wrong place."""
+    assert cycles() == []
+
+
 def test_imports_only_go_down():
     assert violations() == []
 
@@ -109,8 +167,12 @@ def test_the_check_sees_function_level_and_relative_imports(tmp_path, monkeypatc
     (pkg / "models" / "a.py").write_text("def f():\n    from moe_local.runtime import loader\n")
     (pkg / "cache" / "b.py").write_text("from ..models import a\nimport rich.table\n")
     (pkg / "errors.py").write_text("")
+    (pkg / "models" / "c.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from . import d\n")
+    (pkg / "models" / "d.py").write_text("from moe_local.models.c import x\n")
     monkeypatch.setattr(sys.modules[__name__], "PACKAGE", pkg)
     found = violations()
     assert any("models/a.py:2 imports moe_local.runtime: models sits below runtime" in v for v in found)
     assert any("cache/b.py:1 imports moe_local.models: cache and models never import each other" in v for v in found)
+    assert cycles() == [["moe_local.models.c", "moe_local.models.d"]]
+    assert cycles() == [["moe_local.models.c", "moe_local.models.d"]]
     assert presentation_outside_cli() == ["moe_local/cache/b.py:2 imports rich.table: presentation lives in cli/"]

@@ -1,4 +1,5 @@
-"""Build tiny random checkpoints with transformers (the test oracle) and compare against them."""
+"""Helpers the tests share: tiny random checkpoints built with transformers (the test oracle), one
+tiny config per family, comparisons against the reference, and the one-line-error check."""
 
 from __future__ import annotations
 
@@ -172,3 +173,14 @@ def fuse_experts(path, prefix_fmt: str, names: tuple[str, str, str], layers: int
         tensors[f"{p}.gate_up_proj"] = torch.stack([torch.cat([a, b]) for a, b in zip(g, u)])
         tensors[f"{p}.down_proj"] = torch.stack(d)
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+
+
+# --------------------------------------------------------------------------- CLI errors
+def assert_one_line_error(output: str, exit_code: int, *needles: str) -> str:
+    assert exit_code != 0
+    assert "Traceback" not in output
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, output
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    return errors[0]

@@ -1,4 +1,5 @@
-"""The expert cache: eviction policies, routing traces, the trace simulator and run reports."""
+"""The expert cache: tiers of slots, eviction policies, transfers, prefetch bookkeeping, counters (numbers
+only), routing traces and the trace simulator. Sees experts as keys and byte ranges; never imports models."""
 
 from moe_local.cache.policies import POLICIES, EvictionPolicy, make_policy
 

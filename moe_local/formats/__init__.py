@@ -1,4 +1,5 @@
-"""Quantized formats for routed experts: schemes (pack/unpack, dequantize, kernels) and packs."""
+"""Formats: quantization schemes (pack/unpack, dequantize, kernels) and the pack layout, writer and
+reader. Knows nothing of models or tiers."""
 
 from moe_local.formats.schemes import SCHEMES, PackedWeight, Scheme, get_scheme
 

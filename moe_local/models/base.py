@@ -20,8 +20,11 @@ A family is one short file that says three things:
    Loading (`models.load_weights`), quantizing (`convert.quantize`) and `inspect` all walk the model
    through `models.weights`, which reads only this map: there is no other place that knows names.
    Routed experts are never module parameters; `renames` bridges module names that differ from the
-   checkpoint's, `ignored` lists checkpoint tensors deliberately never read. `tests/test_families.py`
-   checks that a family's map accounts for every tensor of its checkpoints.
+   checkpoint's, `ignored` lists checkpoint tensors deliberately never read.
+
+A new family registers in `models.FAMILIES` and gives tests/tiny.py `TINY_CONFIGS` a tiny config:
+`tests/test_families.py` then checks that its map accounts for every tensor of its checkpoints (per
+expert and fused) and that its router look-ahead predicts exactly what its later routers pick.
 
 Everything else (KV cache, rope tables, the router look-ahead the expert cache prefetches with) the
 family inherits from `CausalLM`.
@@ -37,7 +40,7 @@ from torch import nn
 
 from moe_local.errors import ConfigError
 from moe_local.loading.checkpoint_map import CheckpointMap
-from moe_local.models.layers import ExpertsHandle, RMSNorm, Rope, RopeConfig
+from moe_local.models.layers import ExpertsHandle, RMSNorm, Rope, RopeConfig, Router
 from moe_local.models.lookahead import RouterLookahead
 
 Tap = Callable[[str, torch.Tensor], None]  # (site, normed hidden state) inside one decoder layer
@@ -196,7 +199,7 @@ class CausalLM(nn.Module):
                 attn.cache = old
         return total
 
-    def routers(self) -> dict[int, nn.Module]:
+    def routers(self) -> dict[int, Router]:
         """Layer index -> router module, for predicting later layers' experts."""
         out = {}
         for i, layer in enumerate(self.model.layers):
@@ -209,7 +212,7 @@ class CausalLM(nn.Module):
     def lookahead(self, depth: int, extra: int = 0) -> RouterLookahead:
         """The experts.ExpertPredictor of this model: the routers of the next `depth` MoE layers
         applied to the current hidden state (+ `extra` spare ids), for the expert cache to prefetch."""
-        return RouterLookahead(self, depth, extra)
+        return RouterLookahead(self.routers(), self.model.layers, self.listen, depth, extra)
 
     def listen(self, points: Sequence[tuple[int, str]],
                callback: Callable[[int, torch.Tensor, str], None]) -> Callable[[], None]:

@@ -24,12 +24,14 @@ token to a listener (`listen`), predicted from the same way:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Sequence
 
 import torch
+from torch import nn
 
-if TYPE_CHECKING:
-    from moe_local.models.base import CausalLM
+from moe_local.models.layers import Router
+
+Listen = Callable[[Sequence[tuple[int, str]], Callable[[int, torch.Tensor, str], None]], Callable[[], None]]
 
 SITES = ("attn", "mlp")  # where in a decoder layer the hidden state was taken: before attention / before the MLP
 _NORMS = {"attn": "input_layernorm", "mlp": "post_attention_layernorm"}
@@ -37,15 +39,19 @@ _NORMS = {"attn": "input_layernorm", "mlp": "post_attention_layernorm"}
 
 class RouterLookahead:
     """experts.ExpertPredictor of a CausalLM: predict(layer, x, site) -> [(depth, target_layer, ids
-    sorted by confidence)] for depth 1..D."""
+    sorted by confidence)] for depth 1..D.
 
-    def __init__(self, model: "CausalLM", depth: int, extra: int = 0) -> None:
-        self.model = model
+    Built by `CausalLM.lookahead` from the model's routers (layer -> Router), its decoder layers (for
+    their norm weights) and its `listen`."""
+
+    def __init__(self, routers: dict[int, Router], layers: Sequence[nn.Module], listen: Listen, depth: int,
+                 extra: int = 0) -> None:
+        self._listen = listen
         self.depth = int(depth)
         self.extra = int(extra)
-        self.routers = model.routers()
+        self.routers = routers
         self.moe_layers = sorted(self.routers)
-        self.layers = model.model.layers
+        self.layers = layers
         # dense layers with an MoE layer after them predict the next MoE layers too
         self.dense_sources = [l for l in range(len(self.layers))
                               if l not in self.routers and self.moe_layers and l < self.moe_layers[-1]]
@@ -69,7 +75,7 @@ class RouterLookahead:
         """Have the model call `callback(layer, x, site)` at every source during its forward passes:
         x is the normed hidden state the dense MLP / the first MoE layer's attention is about to
         consume. Returns the function that stops it."""
-        return self.model.listen(self.sources(), callback)
+        return self._listen(self.sources(), callback)
 
     def _norm_weight(self, layer: int, site: str) -> torch.Tensor:
         return getattr(self.layers[layer], _NORMS[site]).weight

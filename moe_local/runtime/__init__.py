@@ -1,1 +1,2 @@
-"""Sequences: loading a model for running, KV cache sizing, sampling, generation, templates, timing."""
+"""Running a model: the loader that wires model and expert provider, sessions, generation, sampling,
+chat templates, timing, the run report, and `inspect` / `eval`."""

@@ -1,41 +1,20 @@
 """Shared builders of the cache tests: tiny real packs (quantized with moe_local.convert from tiny
 transformers checkpoints, or from the shared trained model), provider factories with exact slot
-counts, a run helper, and the one-thread fixture.
-
-The fixtures here are module-scoped; a test module gets them by importing their names
-(`from tests.cache_fixtures import one_thread, pack`), each module with its own instance."""
+counts and a run helper. The fixtures built from them (`pack`, `one_thread`) are in conftest.py."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 from moe_local.cache.tiered import TieredExperts
-from moe_local.models.lookahead import RouterLookahead
 from moe_local.runtime.loader import LoadedModel, load_model
 from tests.tiny import our_greedy
 
 PROMPT = 16
 NEW = 16
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls on a shared 2-core box: one intra-op thread is ~20x faster than contended ones.
-    Module scope: set before the module's reference runs, so every run uses the same thread count."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def pack(tmp_path_factory) -> Path:
-    """A tiny Mixtral INT4 pack (3 MoE layers x 8 experts, top-2, hidden 64); its checkpoint is `pack.parent / "ckpt"`."""
-    return make_mixtral_pack(tmp_path_factory.mktemp("mixtral"))
 
 
 def make_deepseek_pack(shared_model: Path, root: Path) -> Path:
@@ -62,11 +41,15 @@ def make_mixtral_pack(root: Path, scheme: str = "int4") -> Path:
     return root / "pack"
 
 
+def lookahead(model, depth: int, extra: int):
+    return model.lookahead(depth, extra)
+
+
 def tiered_factory(slots: int, policy: str = "lru", depth: int = 0, extra: int = 0, future=None,
                    miss: str = "transfer", trace=None, record: bool = False, io_threads: int = 2,
-                   gpu_slots: int | None = None, predictor_cls: type = RouterLookahead):
+                   gpu_slots: int | None = None, predictor_cls=None):
     """gpu_slots: also a device tier of that many slots -- on a CPU the simulated one (two_tier=True).
-    predictor_cls: the router lookahead (a subclass can change where it predicts from)."""
+    predictor_cls(model, depth, extra): instead of the model's own look-ahead (model.lookahead)."""
     # A ProviderFactory with an exact slot count (budgets in bytes are tested separately).
 
     def factory(source, model, device, dtype):
@@ -78,7 +61,7 @@ def tiered_factory(slots: int, policy: str = "lru", depth: int = 0, extra: int =
                                 source.moe_layers, source.max_expert_nbytes())
         return TieredExperts(source, top_k=model.args.num_experts_per_tok, host_slots=slots,
                              act=model.args.hidden_act, device=device, dtype=dtype, policy=policy, future=future,
-                             predictor=predictor_cls(model, depth, extra) if depth else None, miss=miss,
+                             predictor=(predictor_cls or lookahead)(model, depth, extra) if depth else None, miss=miss,
                              io_threads=io_threads, trace=rec, record_accesses=record,
                              gpu_slots=gpu_slots or 0, two_tier=gpu_slots is not None or None)
 
@@ -96,3 +79,8 @@ def run(path: Path, ids: torch.Tensor, provider=None, device: str = "cpu", dtype
     if hasattr(lm.provider, "close"):
         lm.provider.close()
     return logits.cpu(), tokens, lm
+
+
+def tier(provider, name: str = "ram"):
+    """What one tier of a TieredExperts holds now (its public TierState)."""
+    return next(s for s in provider.tier_states() if s.name == name)
