@@ -101,7 +101,9 @@ def planned_module_bytes(model: torch.nn.Module, dtype: torch.dtype) -> int:
     for name, p in model.named_parameters():
         if tied and name == "lm_head.weight":
             continue
-        total += p.numel() * (4 if name.rsplit(".", 1)[-1] in keep_fp32 else elem)
+        # the rule of models.keeps_fp32 (cache/ cannot import models/): a last component or a dotted suffix
+        fp32 = any(name == k or name.endswith("." + k) for k in keep_fp32)
+        total += p.numel() * (4 if fp32 else elem)
     return total + sum(b.numel() * b.element_size() for b in model.buffers())
 
 
@@ -109,7 +111,7 @@ def kv_cache_bytes(model, context: int, dtype: torch.dtype) -> int:
     """KV-cache bytes for `context` tokens, measured by allocating each layer's cache on the meta device."""
     total = 0
     for layer in getattr(getattr(model, "model", None), "layers", []):
-        attn = getattr(layer, "self_attn", None)
+        attn = getattr(layer, "mixer", None) or getattr(layer, "self_attn", None)  # attention or a recurrent block
         if attn is None or not hasattr(attn, "setup_cache"):
             continue
         old = getattr(attn, "cache", None)

@@ -86,7 +86,11 @@ class RouterLookahead:
         return handles
 
     def _norm_weight(self, layer: int, site: str) -> torch.Tensor | None:
-        return getattr(getattr(self.layers[layer], _NORMS[site], None), "weight", None)
+        """The norm's per-channel multiplier: `weight`, or `gain()` where the norm scales by something
+        else (zero-centred RMSNorms of Qwen3-Next / Qwen3.5 multiply by 1 + weight)."""
+        norm = getattr(self.layers[layer], _NORMS[site], None)
+        gain = getattr(norm, "gain", None)
+        return gain() if callable(gain) else getattr(norm, "weight", None)
 
     def _scale(self, src: int, site: str, dst: int) -> torch.Tensor | None:
         key = (src, site, dst)

@@ -91,6 +91,8 @@ class LoadSpec:
         lm = session.lm
         err.print(f"[dim]loaded {lm.model.family} from {escape(str(lm.root))} on {lm.device} ({str(lm.dtype).removeprefix('torch.')}) "
                   f"in {time.perf_counter() - t0:.1f} s[/]")
+        for note in lm.model.notes():
+            err.print(f"[yellow]note: {escape(note)}[/]")
         if self.options.get("gpu_mem") is not None and lm.device.type != "cuda":
             err.print("[yellow]note: --gpu-mem is ignored on the CPU; --ram sizes the expert cache[/]")
         return session
@@ -413,7 +415,7 @@ def inspect_cmd(
     """Family, experts, parameters and the memory a run needs, from config and headers (no weights read).
 
     On a pack: also the scheme of every tensor group and the bytes of one expert per MoE layer."""
-    from moe_local.runtime.inspect import RUN_DTYPE_BYTES, human_bytes, human_count, pack_rows, summarize
+    from moe_local.runtime.inspect import CONFIG_ONLY, RUN_DTYPE_BYTES, human_bytes, human_count, pack_rows, summarize
 
     if dtype not in RUN_DTYPE_BYTES:
         raise MoeLocalError(f"--dtype must be one of {', '.join(RUN_DTYPE_BYTES)}, got {dtype!r}")
@@ -436,13 +438,20 @@ def inspect_cmd(
         ("checkpoint", f"{human_bytes(s.checkpoint_bytes)} ({s.checkpoint_dtype})"),
         ("bytes per expert", f"{human_bytes(s.bytes_per_expert)} ({s.checkpoint_dtype})"),
         (f"KV cache per token ({s.run_dtype})", human_bytes(s.kv_bytes_per_token)),
+        *([("recurrent state (fixed)", f"{human_bytes(s.state_bytes)} (linear-attention layers, any context)")]
+          if s.state_bytes else []),
         (f"memory, all resident ({s.run_dtype})", human_bytes(s.memory_all_resident)),
         (f"min --ram, offload ({s.run_dtype})",
          f"{human_bytes(s.memory_min_offload)} (CPU expert offload: resident weights + one layer's "
          f"top-{s.top_k} experts, the budget check's minimum; KV cache not included)"),
     ]
+    if s.checkpoint_dtype == CONFIG_ONLY:  # a folder with only config.json: nothing stored to describe
+        at = [name for name, _ in rows].index("checkpoint")
+        rows[at:at + 2] = [("checkpoint", f"none ({CONFIG_ONLY})"),
+                           ("bytes per expert", f"{human_bytes(s.bytes_per_expert)} (in {s.run_dtype})")]
     if s.pack is not None:  # packed experts: the memory figures keep them packed
-        rows[-4:-3] = [("largest expert", f"{human_bytes(s.bytes_per_expert)} (packed)")]
+        at = [name for name, _ in rows].index("bytes per expert")
+        rows[at] = ("largest expert", f"{human_bytes(s.bytes_per_expert)} (packed)")
         rows += pack_rows(s.pack)
     for name, value in rows:
         table.add_row(name, value)

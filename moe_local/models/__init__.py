@@ -42,6 +42,12 @@ def build_model(config: dict) -> CausalLM:
     return model.eval()
 
 
+def keeps_fp32(name: str, keep: tuple[str, ...]) -> bool:
+    """Whether parameter `name` ends with one of `keep`, a model's `keep_fp32` entries: a last name
+    component ("e_score_correction_bias") or a dotted suffix ("indexer.weights_proj.weight")."""
+    return any(name == k or name.endswith("." + k) for k in keep)
+
+
 def load_weights(model: CausalLM, ckpt, device: torch.device | str, dtype: torch.dtype,
                  progress=None) -> None:
     """Copy every non-expert parameter from the checkpoint (shape-checked), then drop meta tensors.
@@ -49,7 +55,8 @@ def load_weights(model: CausalLM, ckpt, device: torch.device | str, dtype: torch
     Routed experts are skipped: they belong to an ExpertProvider, never to the model.
     """
     state: dict[str, torch.Tensor] = {}
-    keep_fp32 = getattr(model, "keep_fp32", ())  # e.g. DeepSeek-V3's routing bias: selection-critical
+    # e.g. DeepSeek-V3's routing bias, V3.2's indexer head weights: selection-critical
+    keep_fp32 = getattr(model, "keep_fp32", ())
     for name, param in model.named_parameters():
         src = model.sanitize(name)
         if src not in ckpt:
@@ -57,7 +64,7 @@ def load_weights(model: CausalLM, ckpt, device: torch.device | str, dtype: torch
                 continue
             raise CheckpointError(f"tensor {src!r} (needed by {model.family}) is missing", ckpt.root)
         tensor = ckpt.get(src, shape=tuple(param.shape))
-        want = torch.float32 if name.rsplit(".", 1)[-1] in keep_fp32 else dtype
+        want = torch.float32 if keeps_fp32(name, keep_fp32) else dtype
         state[name] = tensor.to(device=device, dtype=want)
         if progress is not None:
             progress(1)
@@ -68,4 +75,4 @@ def load_weights(model: CausalLM, ckpt, device: torch.device | str, dtype: torch
         model.lm_head.weight = model.model.embed_tokens.weight
 
 
-__all__ = ["FAMILIES", "CausalLM", "ModelArgs", "build_model", "family_class", "load_weights"]
+__all__ = ["FAMILIES", "CausalLM", "ModelArgs", "build_model", "family_class", "keeps_fp32", "load_weights"]

@@ -19,7 +19,7 @@ import torch
 
 from moe_local.cache.budget import min_budget, planned_module_bytes
 from moe_local.errors import CheckpointError
-from moe_local.loading.checkpoint import Checkpoint
+from moe_local.loading.checkpoint import INDEX_NAME, Checkpoint, read_json
 from moe_local.loading.hub import resolve_model_dir
 from moe_local.formats.pack import Pack, is_pack, read_st_header
 from moe_local.runtime.loader import build_model_for
@@ -27,6 +27,7 @@ from moe_local.runtime.loader import build_model_for
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
                "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 RUN_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+CONFIG_ONLY = "no weights: sizes from config.json"  # checkpoint_dtype of a config-only summary
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -67,6 +68,9 @@ class ModelSummary:
     # the smallest --ram the tiered cache accepts on a CPU: resident (non-expert) weights in run_dtype +
     # one layer's top-k expert slots, by cache.budget.min_budget (the rule plan_budget enforces)
     memory_min_offload: int
+    # fixed-size per-sequence state that does not grow with the context (hybrid families' recurrent
+    # conv + delta-rule state; 0 for pure attention); counted in memory_all_resident
+    state_bytes: int = 0
     # For a pack: Pack.describe() (scheme per tensor group, bytes per expert per layer, sizes), each
     # group also carrying `group_size_used` (see Scheme.group_size_for). None for a checkpoint.
     pack: dict[str, Any] | None = None
@@ -85,6 +89,8 @@ def summarize(ref: str | Path, run_dtype: str = "bfloat16") -> ModelSummary:
     root = resolve_model_dir(ref)
     if is_pack(root):
         return summarize_pack(root, run_dtype)
+    if is_config_only(root):
+        return summarize_config(read_json(root / "config.json"), root, run_dtype)
     ckpt = Checkpoint(root)
     model = build_model_for(ckpt.config, root)  # meta device: shapes, no memory
     a = model.args
@@ -104,6 +110,23 @@ def summarize(ref: str | Path, run_dtype: str = "bfloat16") -> ModelSummary:
         expert_run_bytes=len(a.moe_layers) * per_expert * RUN_DTYPE_BYTES[run_dtype],
         checkpoint_dtype=dtype, checkpoint_bytes=on_disk, bytes_per_expert=per_expert * DTYPE_BYTES.get(dtype, 2),
     )
+
+
+def is_config_only(root: Path) -> bool:
+    """A folder with config.json and no weights at all: `inspect` sizes the model from the config."""
+    return ((root / "config.json").is_file() and not (root / INDEX_NAME).is_file()
+            and not any(root.glob("*.safetensors")))
+
+
+def summarize_config(config: dict, root: Path, run_dtype: str = "bfloat16") -> ModelSummary:
+    """Every figure from config.json alone, through the model built on the meta device (shapes, no
+    memory), so a 600 GB model can be sized from its 2 KB config before anything is downloaded.
+    With no files there are no stored bytes: checkpoint_bytes is 0 and an expert is counted in run_dtype."""
+    model = build_model_for(config, root)
+    a = model.args
+    per_expert = _expert_params(a) * RUN_DTYPE_BYTES[run_dtype]
+    return _summary(model, root, config, run_dtype, expert_run_bytes=len(a.moe_layers) * per_expert,
+                    checkpoint_dtype=CONFIG_ONLY, checkpoint_bytes=0, bytes_per_expert=per_expert)
 
 
 def _pack_groups(groups: list[dict]) -> list[dict]:
@@ -148,19 +171,24 @@ def _summary(model, root: Path, config: dict, run_dtype: str, expert_run_bytes: 
     per_expert = _expert_params(a)
     n_moe = len(a.moe_layers)
     resident = planned_module_bytes(model, _TORCH_DTYPES[run_dtype])  # before any KV cache exists
-    model.setup_cache(1)  # meta tensors: counts elements, allocates nothing
-    kv_elems = model.kv_cache_bytes() // model.lm_head.weight.element_size()
+    # Caches for 1 and 2 tokens on the meta device (nothing allocated): the difference grows with
+    # the context, the rest is fixed (a recurrent state, kept in its own dtype whatever run_dtype is).
+    model.setup_cache(1, "meta", _TORCH_DTYPES[run_dtype])
+    one = model.kv_cache_bytes()
+    model.setup_cache(2, "meta", _TORCH_DTYPES[run_dtype])
+    per_token = model.kv_cache_bytes() - one
+    state = one - per_token
     bpe = RUN_DTYPE_BYTES[run_dtype]
     ctx = int(a.max_position_embeddings)
-    kv_total = kv_elems * bpe * ctx
+    kv_total = per_token * ctx
     return ModelSummary(
         path=str(root), family=model.family, layers=a.num_hidden_layers, moe_layers=n_moe,
-        experts_per_layer=a.num_experts, top_k=a.num_experts_per_tok, shared_experts=_shared_experts(config),
+        experts_per_layer=a.num_experts, top_k=a.num_experts_per_tok, shared_experts=_shared_experts(a.raw or config),
         hidden_size=a.hidden_size, expert_intermediate_size=a.moe_intermediate_size, context_length=ctx,
         total_params=dense + n_moe * a.num_experts * per_expert,
         active_params=dense + n_moe * a.num_experts_per_tok * per_expert,
-        dense_params=dense, expert_params=per_expert, run_dtype=run_dtype, kv_bytes_per_token=kv_elems * bpe,
-        memory_all_resident=dense * bpe + a.num_experts * expert_run_bytes + kv_total,
+        dense_params=dense, expert_params=per_expert, run_dtype=run_dtype, kv_bytes_per_token=per_token,
+        memory_all_resident=dense * bpe + a.num_experts * expert_run_bytes + kv_total + state, state_bytes=state,
         memory_min_offload=min_budget(slot_bytes=stored["bytes_per_expert"], top_k=a.num_experts_per_tok,
                                       resident_bytes=resident),
         **stored,
@@ -240,5 +268,5 @@ def _scaled(n: float, step: int, units: tuple[str, ...], sep: str) -> str:
     return f"{n:.0f}{sep}{unit}" if unit == units[0] else f"{n:.2f}{sep}{unit}"
 
 
-__all__ = ["ModelSummary", "human_bytes", "human_count", "pack_rows", "pack_size_text", "read_safetensors_header", "summarize",
-           "summarize_pack"]
+__all__ = ["ModelSummary", "human_bytes", "human_count", "is_config_only", "pack_rows", "pack_size_text",
+           "read_safetensors_header", "summarize", "summarize_config", "summarize_pack"]
