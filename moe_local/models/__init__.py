@@ -21,6 +21,7 @@ FAMILIES: dict[str, str] = {
     "olmoe": "moe_local.models.olmoe:Olmoe",
     "deepseek_v2": "moe_local.models.deepseek:DeepseekV2",
     "deepseek_v3": "moe_local.models.deepseek:DeepseekV3",
+    "deepseek_v32": "moe_local.models.deepseek_v32:DeepseekV32",
 }
 
 
