@@ -16,26 +16,8 @@ from moe_local.models.dsa import IndexedMLAttention
 from moe_local.runtime.loader import load_model
 from tests.cache_fixtures import one_thread  # noqa: F401 (fixture: one torch thread on a shared box)
 from tests.family_checks import check_pack_tiered_matches_resident, cli
-from tests.test_mixtral import fuse_experts
-from tests.tiny import PROMPT_LEN, assert_matches_reference, reference_logits, save_tiny
-
-VOCAB = 256
-YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0, "original_max_position_embeddings": 32,
-        "mscale": 0.707, "mscale_all_dim": 0.707, "beta_fast": 32, "beta_slow": 1}
-
-
-def v32_config(**kw):
-    """DeepSeek-V3.2 in miniature; index_topk 4 < the 16-token prompt, so the indexer drops keys."""
-    from transformers import DeepseekV32Config
-
-    base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
-                num_attention_heads=4, num_key_value_heads=4, q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16,
-                qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=16, num_experts_per_tok=4, n_shared_experts=1,
-                n_group=4, topk_group=2, first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True,
-                index_topk=4, index_head_dim=16, index_n_heads=8, max_position_embeddings=256)
-    base.update(kw)
-    return DeepseekV32Config(**base)
-
+from tests.tiny import (PROMPT_LEN, VOCAB, YARN, assert_matches_reference, fuse_experts, reference_logits, save_tiny,
+                        v32_config)
 
 def prompt(seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, (PROMPT_LEN,), generator=torch.Generator().manual_seed(seed))

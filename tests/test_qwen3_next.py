@@ -12,7 +12,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from moe_local.cache.prefetch import RouterLookahead
 from moe_local.cli.app import app
 from moe_local.errors import ConfigError
 from moe_local.models import build_model
@@ -22,46 +21,10 @@ from moe_local.runtime.loader import load_model
 from moe_local.runtime.sampling import SamplingOptions
 from tests.cache_fixtures import one_thread  # noqa: F401 (fixture: one torch thread on a shared box)
 from tests.family_checks import check_pack_tiered_matches_resident, cli, runner
-from tests.test_mixtral import fuse_experts
-from tests.tiny import assert_matches_reference, reference_greedy, reference_logits, save_tiny
+from tests.tiny import (VOCAB, assert_matches_reference, fuse_experts, qwen3_5_moe_config, qwen3_5_moe_text_config,
+                        qwen3_next_config, reference_greedy, reference_logits, save_tiny)
 
-VOCAB = 256
-HYBRID = dict(vocab_size=VOCAB, hidden_size=64, moe_intermediate_size=32, shared_expert_intermediate_size=48,
-              num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16, linear_key_head_dim=8,
-              linear_value_head_dim=12, linear_num_key_heads=2, linear_num_value_heads=4, num_experts=8,
-              num_experts_per_tok=2, max_position_embeddings=256)
-
-
-def next_config(**kw):
-    """Qwen3-Next in miniature: layers 0-2 Gated DeltaNet, 3 gated attention (full_attention_interval 4);
-    layer 1 a dense MLP; 2 value heads per key head; RoPE on a quarter of each head."""
-    from transformers import Qwen3NextConfig
-
-    return Qwen3NextConfig(**{**HYBRID, "intermediate_size": 96, "mlp_only_layers": [1], **kw})
-
-
-def q35_text_config(**kw):
-    from transformers.models.qwen3_5_moe import Qwen3_5MoeTextConfig
-
-    return Qwen3_5MoeTextConfig(**{**HYBRID, **kw})
-
-
-def save_q35_multimodal(path, seed: int = 0):
-    """The hub layout of Qwen3.5-MoE: Qwen3_5MoeForConditionalGeneration (a tiny vision tower included),
-    config with text_config / vision_config, tensors under model.language_model. and model.visual."""
-    from transformers.models.qwen3_5_moe import Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration
-
-    cfg = Qwen3_5MoeConfig(text_config=dict(HYBRID), vision_config=dict(depth=1, hidden_size=32, intermediate_size=32,
-                                                                         num_heads=2, out_hidden_size=64))
-    cfg._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    model = Qwen3_5MoeForConditionalGeneration(cfg).eval()
-    with torch.no_grad():
-        for name, t in model.named_parameters():
-            if name.endswith("norm.weight") and "language_model" in name:
-                t.copy_(1.0 + 0.1 * torch.randn_like(t))
-    model.save_pretrained(path)
-    return model
+next_config, q35_text_config = qwen3_next_config, qwen3_5_moe_text_config
 
 
 def ids_of(n: int, seed: int = 1) -> torch.Tensor:
@@ -113,14 +76,16 @@ def test_qwen3_5_moe_text_matches_transformers(tmp_path):
 def test_qwen3_5_moe_hub_layout_matches_transformers(tmp_path):
     """config.json with text_config + vision_config, the text model under model.language_model., a vision
     tower that is skipped (said once at load), routed experts fused as on the hub."""
-    ref = save_q35_multimodal(tmp_path)
+    ref = save_tiny(qwen3_5_moe_config(), tmp_path)
     names = load_file(tmp_path / "model.safetensors").keys()
     assert any(n.startswith("model.visual.") for n in names) and "model.language_model.norm.weight" in names
     fuse_experts(tmp_path, "model.language_model.layers.{}.mlp.experts", ("gate_proj", "up_proj", "down_proj"), 4, 8)
     lm = assert_matches_reference(tmp_path, ref, vocab=VOCAB)
     assert lm.model.args.multimodal and lm.source.is_fused(0)
-    assert lm.model.skip_checkpoint_tensor("model.visual.blocks.0.attn.qkv.weight")
-    assert not lm.model.skip_checkpoint_tensor("model.language_model.layers.0.linear_attn.A_log")
+    cmap = lm.model.checkpoint_map
+    assert cmap.is_ignored("model.visual.blocks.0.attn.qkv.weight", 4) and cmap.is_ignored("mtp.fc.weight", 4)
+    assert not cmap.is_ignored("model.language_model.layers.0.linear_attn.A_log", 4)
+    assert cmap.checkpoint_name("model.norm.weight") == "model.language_model.norm.weight"
     s = json.loads(cli("inspect", tmp_path, "--json"))
     text_params = sum(p.numel() for n, p in ref.named_parameters() if not n.startswith("model.visual."))
     assert (s["family"], s["moe_layers"], s["shared_experts"], s["total_params"]) == ("qwen3_5_moe", 4, 1, text_params)
@@ -236,7 +201,7 @@ def test_lookahead_rescales_by_the_zero_centred_norm_gain(tmp_path):
     save_tiny(next_config(mlp_only_layers=[]), tmp_path)
     lm = load_model(tmp_path, device="cpu", dtype="float32")
     layers = lm.model.model.layers
-    ratio = RouterLookahead(lm.model, depth=1)._scale(0, "mlp", 2)
+    ratio = lm.model.lookahead(depth=1)._scale(0, "mlp", 2)
     gain = [1 + layers[i].post_attention_layernorm.weight.float() for i in (0, 2)]
     assert torch.allclose(ratio, gain[1] / gain[0])
 

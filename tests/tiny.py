@@ -5,11 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from moe_local.runtime.loader import LoadedModel, load_model
 
 PROMPT_LEN = 16
 GREEDY_TOKENS = 24
+VOCAB = 256
 
 
 def save_tiny(config, path: Path, seed: int = 0):
@@ -17,11 +19,13 @@ def save_tiny(config, path: Path, seed: int = 0):
 
     Returns the transformers model (the reference) after saving it to `path` with save_pretrained.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     torch.manual_seed(seed)
     config._attn_implementation = "eager"
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
+    # a multimodal config (Qwen3.5-MoE's hub layout) is saved whole, vision tower included
+    auto = AutoModelForImageTextToText if getattr(config, "vision_config", None) is not None else AutoModelForCausalLM
+    model = auto.from_config(config, attn_implementation="eager", dtype=torch.float32)
     with torch.no_grad():
         for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
             if "e_score_correction_bias" in name:
@@ -73,3 +77,146 @@ def assert_matches_reference(path: Path, ref, vocab: int, atol: float = 1e-4, se
     assert diff <= atol, f"max |logit diff| {diff:.3g} > {atol}"
     assert our_greedy(lm, ids) == reference_greedy(ref, ids)
     return lm
+
+
+# --------------------------------------------------------------------------- tiny configs, one per family
+def mixtral_config(**kw):
+    from transformers import MixtralConfig
+
+    base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=48, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
+                max_position_embeddings=128, tie_word_embeddings=False)
+    base.update(kw)
+    return MixtralConfig(**base)
+
+
+def qwen2_moe_config(**kw):
+    from transformers import Qwen2MoeConfig
+
+    base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=80, moe_intermediate_size=32,
+                shared_expert_intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, num_experts=8, num_experts_per_tok=2, decoder_sparse_step=2,
+                max_position_embeddings=128, tie_word_embeddings=False)
+    base.update(kw)
+    return Qwen2MoeConfig(**base)
+
+
+def qwen3_moe_config(**kw):
+    from transformers import Qwen3MoeConfig
+
+    # head_dim 24 != hidden/heads = 16: the explicit head_dim must be honoured
+    base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=80, moe_intermediate_size=32,
+                num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=24, num_experts=8,
+                num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[1],
+                max_position_embeddings=128, tie_word_embeddings=False)
+    base.update(kw)
+    return Qwen3MoeConfig(**base)
+
+
+def olmoe_config(**kw):
+    from transformers import OlmoeConfig
+
+    base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, num_experts=8, num_experts_per_tok=2,
+                clip_qkv=0.4, max_position_embeddings=128, tie_word_embeddings=False,
+                pad_token_id=None, eos_token_id=None)
+    base.update(kw)
+    return OlmoeConfig(**base)
+
+
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0, "original_max_position_embeddings": 32,
+        "mscale": 0.707, "mscale_all_dim": 0.707, "beta_fast": 32, "beta_slow": 1}
+
+
+def v2_lite_config(**kw):
+    """DeepSeek-V2-Lite shape in miniature: no q_lora_rank, softmax greedy, 2 shared experts, YaRN."""
+    from transformers import DeepseekV2Config
+
+    base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=None,
+                kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8,
+                num_experts_per_tok=2, n_shared_experts=2, first_k_dense_replace=1, topk_method="greedy",
+                routed_scaling_factor=1.0, max_position_embeddings=256, rope_parameters=dict(YARN))
+    base.update(kw)
+    return DeepseekV2Config(**base)
+
+
+def v3_config(**kw):
+    """DeepSeek-V3 shape in miniature: q_lora_rank, noaux_tc with 4 groups (keep 2), 1 shared expert."""
+    from transformers import DeepseekV3Config
+
+    base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=48,
+                kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=16,
+                num_experts_per_tok=4, n_shared_experts=1, n_group=4, topk_group=2, first_k_dense_replace=1,
+                routed_scaling_factor=2.5, norm_topk_prob=True, max_position_embeddings=256)
+    base.update(kw)
+    return DeepseekV3Config(**base)
+
+
+def v32_config(**kw):
+    """DeepSeek-V3.2 in miniature; index_topk 4 < a 16-token prompt, so the indexer drops keys."""
+    from transformers import DeepseekV32Config
+
+    base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=4, q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16,
+                qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=16, num_experts_per_tok=4, n_shared_experts=1,
+                n_group=4, topk_group=2, first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+                index_topk=4, index_head_dim=16, index_n_heads=8, max_position_embeddings=256)
+    base.update(kw)
+    return DeepseekV32Config(**base)
+
+
+HYBRID = dict(vocab_size=VOCAB, hidden_size=64, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+              num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16, linear_key_head_dim=8,
+              linear_value_head_dim=12, linear_num_key_heads=2, linear_num_value_heads=4, num_experts=8,
+              num_experts_per_tok=2, max_position_embeddings=256)
+
+
+def qwen3_next_config(**kw):
+    """Qwen3-Next in miniature: layers 0-2 Gated DeltaNet, 3 gated attention (full_attention_interval 4);
+    layer 1 a dense MLP; 2 value heads per key head; RoPE on a quarter of each head."""
+    from transformers import Qwen3NextConfig
+
+    return Qwen3NextConfig(**{**HYBRID, "intermediate_size": 96, "mlp_only_layers": [1], **kw})
+
+
+def qwen3_5_moe_text_config(**kw):
+    """Qwen3.5-MoE's text model as transformers saves it alone (model_type qwen3_5_moe_text)."""
+    from transformers.models.qwen3_5_moe import Qwen3_5MoeTextConfig
+
+    return Qwen3_5MoeTextConfig(**{**HYBRID, **kw})
+
+
+def qwen3_5_moe_config(**kw):
+    """Qwen3.5-MoE's hub layout: text_config + a tiny vision_config (saved with its vision tower)."""
+    from transformers.models.qwen3_5_moe import Qwen3_5MoeConfig
+
+    return Qwen3_5MoeConfig(text_config={**HYBRID, **kw}, vision_config=dict(depth=1, hidden_size=32, intermediate_size=32,
+                                                                             num_heads=2, out_hidden_size=64))
+
+
+# model_type -> a tiny config of that family (tests/test_families.py checks every family has one)
+TINY_CONFIGS = {
+    "mixtral": mixtral_config,
+    "qwen2_moe": qwen2_moe_config,
+    "qwen3_moe": qwen3_moe_config,
+    "olmoe": olmoe_config,
+    "deepseek_v2": v2_lite_config,
+    "deepseek_v3": v3_config,
+    "deepseek_v32": v32_config,
+    "qwen3_next": qwen3_next_config,
+    "qwen3_5_moe": qwen3_5_moe_config,
+    "qwen3_5_moe_text": qwen3_5_moe_text_config,
+}
+
+
+def fuse_experts(path, prefix_fmt: str, names: tuple[str, str, str], layers: int, experts: int) -> None:
+    """Rewrite a per-expert checkpoint into the fused 3-D layout (gate_up_proj [E, 2I, H], down_proj [E, H, I])."""
+    tensors = load_file(path / "model.safetensors")
+    for layer in range(layers):
+        p = prefix_fmt.format(layer)
+        g, u, d = ([tensors.pop(f"{p}.{e}.{n}.weight") for e in range(experts)] for n in names)
+        tensors[f"{p}.gate_up_proj"] = torch.stack([torch.cat([a, b]) for a, b in zip(g, u)])
+        tensors[f"{p}.down_proj"] = torch.stack(d)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})

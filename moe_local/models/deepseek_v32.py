@@ -15,8 +15,8 @@ which layers are MoE instead of `first_k_dense_replace`.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar
 
 from moe_local.errors import ConfigError
 from moe_local.models.deepseek import DeepseekV3, DeepseekV3Args
@@ -59,8 +59,9 @@ class DeepseekV32Args(DeepseekV3Args):
 class DeepseekV32(DeepseekV3):
     family = "deepseek_v32"
     Args = DeepseekV32Args
-    # the routing bias (V3) and the indexer's per-head weights stay float32, as the reference keeps them
-    keep_fp32: ClassVar[tuple[str, ...]] = ("e_score_correction_bias", "indexer.weights_proj.weight")
+    # V3's map; the routing bias and the indexer's per-head weights stay float32, as the reference keeps them
+    checkpoint_map = dataclasses.replace(DeepseekV3.checkpoint_map,
+                                         keep_fp32=("e_score_correction_bias", "indexer.weights_proj.weight"))
 
     def make_attention(self) -> IndexedMLAttention:
         a = self.args

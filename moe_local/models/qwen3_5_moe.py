@@ -23,10 +23,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from moe_local.loading.checkpoint_map import CheckpointMap
 from moe_local.models.qwen3_next import Qwen3Next, Qwen3NextArgs
 
-VISION_PREFIX = "model.visual."
-MULTIMODAL_PREFIX = "model.language_model."
+TEXT_ONLY_MAP = CheckpointMap(ignored=(r".*\.rotary_emb\.", r"mtp\."))
+# multimodal checkpoints: the text model under model.language_model. (lm_head.weight stays top-level)
+MULTIMODAL_MAP = CheckpointMap(experts="model.language_model.layers.{layer}.mlp.experts",
+                               renames=(("model.", "model.language_model."),),
+                               ignored=(r".*\.rotary_emb\.", r"mtp\.", r"model\.visual\."))
 
 
 @dataclass
@@ -63,14 +67,8 @@ class Qwen35Moe(Qwen3Next):
     fused_projections: ClassVar[bool] = False  # in_proj_qkv / in_proj_z / in_proj_b / in_proj_a
 
     @property
-    def prefix(self) -> str:  # type: ignore[override]
-        return MULTIMODAL_PREFIX if self.args.multimodal else "model."
-
-    def sanitize(self, name: str) -> str:
-        return self.prefix + name[len("model."):] if name.startswith("model.") else name
-
-    def skip_checkpoint_tensor(self, name: str) -> bool:
-        return name.startswith(VISION_PREFIX) or super().skip_checkpoint_tensor(name)
+    def checkpoint_map(self) -> CheckpointMap:  # type: ignore[override]
+        return MULTIMODAL_MAP if self.args.multimodal else TEXT_ONLY_MAP
 
     def notes(self) -> list[str]:
         if not self.args.multimodal:

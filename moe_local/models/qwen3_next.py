@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from moe_local.errors import ConfigError
-from moe_local.loading.hf_experts import ExpertLayout
+from moe_local.loading.checkpoint_map import CheckpointMap
 from moe_local.models.base import DecoderLayer, ModelArgs
 from moe_local.models.hybrid import (DeltaNetOptions, GatedAttention, GatedAttentionOptions, GatedDeltaNet,
                                      HybridCausalLM, ZeroCenteredRMSNorm)
@@ -94,7 +94,7 @@ class Qwen3Next(HybridCausalLM):
     Args = Qwen3NextArgs
     Norm = ZeroCenteredRMSNorm
     fused_projections: ClassVar[bool] = True  # in_proj_qkvz / in_proj_ba
-    prefix: ClassVar[str] = "model."  # where the text model's tensors live in the checkpoint
+    checkpoint_map = CheckpointMap(ignored=(r".*\.rotary_emb\.", r"mtp\."))  # the MTP head is not run
 
     def make_layer(self, i: int) -> DecoderLayer:
         a = self.args
@@ -111,9 +111,3 @@ class Qwen3Next(HybridCausalLM):
         else:
             mlp = MLP(a.hidden_size, a.intermediate_size, a.hidden_act)
         return DecoderLayer(mixer, mlp, a.hidden_size, a.rms_norm_eps, attn_name=name, norm=ZeroCenteredRMSNorm)
-
-    def expert_layout(self) -> ExpertLayout:
-        return ExpertLayout(lambda l: f"{self.prefix}layers.{l}.mlp.experts")
-
-    def skip_checkpoint_tensor(self, name: str) -> bool:
-        return name.startswith("mtp.") or super().skip_checkpoint_tensor(name)

@@ -17,11 +17,13 @@ from typing import Any
 
 import torch
 
-from moe_local.cache.budget import min_budget, planned_module_bytes
+from moe_local.cache.budget import min_budget
 from moe_local.errors import CheckpointError
 from moe_local.loading.checkpoint import INDEX_NAME, Checkpoint, read_json
 from moe_local.loading.hub import resolve_model_dir
 from moe_local.formats.pack import Pack, is_pack, read_st_header
+from moe_local.formats.schemes import get_scheme
+from moe_local.models.weights import checkpoint_experts, resident_bytes
 from moe_local.runtime.loader import build_model_for
 
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
@@ -96,14 +98,13 @@ def summarize(ref: str | Path, run_dtype: str = "bfloat16") -> ModelSummary:
     a = model.args
 
     headers: dict[str, dict] = {}
-    for shard in sorted({ckpt.file_of(n) for n in ckpt.names()}):
+    for shard in ckpt.files():
         headers.update(read_safetensors_header(shard))
     on_disk = sum(int(t["data_offsets"][1]) - int(t["data_offsets"][0]) for t in headers.values())
 
-    layout = model.expert_layout()
-    expert_dtypes = [headers[n]["dtype"] for n in headers if n.startswith(layout.prefix(a.moe_layers[0]) + ".")
-                     and not n.endswith("_scale_inv")] if a.moe_layers else []
-    dtype = expert_dtypes[0] if expert_dtypes else next(iter(headers.values()))["dtype"]
+    experts = checkpoint_experts(model, ckpt)
+    expert_tensors = [n for n in experts.tensor_names(a.moe_layers[0], 0) if n in headers] if a.moe_layers else []
+    dtype = headers[expert_tensors[0]]["dtype"] if expert_tensors else next(iter(headers.values()))["dtype"]
     per_expert = _expert_params(a)
     return _summary(
         model, root, ckpt.config, run_dtype,
@@ -131,8 +132,6 @@ def summarize_config(config: dict, root: Path, run_dtype: str = "bfloat16") -> M
 
 def _pack_groups(groups: list[dict]) -> list[dict]:
     """describe()'s groups plus the group size each one really uses (narrow rows shrink it)."""
-    from moe_local.formats.schemes import get_scheme
-
     out = []
     for g in groups:
         used = get_scheme(g["scheme"], **g["params"]).group_size_for(int(g["shape"][1]))
@@ -170,13 +169,11 @@ def _summary(model, root: Path, config: dict, run_dtype: str, expert_run_bytes: 
                 if not (a.tie_word_embeddings and n == "lm_head.weight"))
     per_expert = _expert_params(a)
     n_moe = len(a.moe_layers)
-    resident = planned_module_bytes(model, _TORCH_DTYPES[run_dtype])  # before any KV cache exists
-    # Caches for 1 and 2 tokens on the meta device (nothing allocated): the difference grows with
-    # the context, the rest is fixed (a recurrent state, kept in its own dtype whatever run_dtype is).
-    model.setup_cache(1, "meta", _TORCH_DTYPES[run_dtype])
-    one = model.kv_cache_bytes()
-    model.setup_cache(2, "meta", _TORCH_DTYPES[run_dtype])
-    per_token = model.kv_cache_bytes() - one
+    resident = resident_bytes(model, _TORCH_DTYPES[run_dtype])  # before any KV cache exists
+    # Caches for 1 and 2 tokens, sized on the meta device: the difference grows with the context, the
+    # rest is fixed (a recurrent state, kept in its own dtype whatever run_dtype is).
+    one = model.kv_cache_bytes(1, _TORCH_DTYPES[run_dtype])
+    per_token = model.kv_cache_bytes(2, _TORCH_DTYPES[run_dtype]) - one
     state = one - per_token
     bpe = RUN_DTYPE_BYTES[run_dtype]
     ctx = int(a.max_position_embeddings)
