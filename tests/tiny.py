@@ -20,11 +20,13 @@ def save_tiny(config, path: Path, seed: int = 0):
 
     Returns the transformers model (the reference) after saving it to `path` with save_pretrained.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     torch.manual_seed(seed)
     config._attn_implementation = "eager"
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
+    # a multimodal config (Qwen3.5-MoE's hub layout) is saved whole, vision tower included
+    auto = AutoModelForImageTextToText if getattr(config, "vision_config", None) is not None else AutoModelForCausalLM
+    model = auto.from_config(config, attn_implementation="eager", dtype=torch.float32)
     with torch.no_grad():
         for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
             if "e_score_correction_bias" in name:
@@ -153,6 +155,48 @@ def v3_config(**kw):
     return DeepseekV3Config(**base)
 
 
+def v32_config(**kw):
+    """DeepSeek-V3.2 in miniature; index_topk 4 < a 16-token prompt, so the indexer drops keys."""
+    from transformers import DeepseekV32Config
+
+    base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=4, q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16,
+                qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=16, num_experts_per_tok=4, n_shared_experts=1,
+                n_group=4, topk_group=2, first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+                index_topk=4, index_head_dim=16, index_n_heads=8, max_position_embeddings=256)
+    base.update(kw)
+    return DeepseekV32Config(**base)
+
+
+HYBRID = dict(vocab_size=VOCAB, hidden_size=64, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+              num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16, linear_key_head_dim=8,
+              linear_value_head_dim=12, linear_num_key_heads=2, linear_num_value_heads=4, num_experts=8,
+              num_experts_per_tok=2, max_position_embeddings=256)
+
+
+def qwen3_next_config(**kw):
+    """Qwen3-Next in miniature: layers 0-2 Gated DeltaNet, 3 gated attention (full_attention_interval 4);
+    layer 1 a dense MLP; 2 value heads per key head; RoPE on a quarter of each head."""
+    from transformers import Qwen3NextConfig
+
+    return Qwen3NextConfig(**{**HYBRID, "intermediate_size": 96, "mlp_only_layers": [1], **kw})
+
+
+def qwen3_5_moe_text_config(**kw):
+    """Qwen3.5-MoE's text model as transformers saves it alone (model_type qwen3_5_moe_text)."""
+    from transformers.models.qwen3_5_moe import Qwen3_5MoeTextConfig
+
+    return Qwen3_5MoeTextConfig(**{**HYBRID, **kw})
+
+
+def qwen3_5_moe_config(**kw):
+    """Qwen3.5-MoE's hub layout: text_config + a tiny vision_config (saved with its vision tower)."""
+    from transformers.models.qwen3_5_moe import Qwen3_5MoeConfig
+
+    return Qwen3_5MoeConfig(text_config={**HYBRID, **kw}, vision_config=dict(depth=1, hidden_size=32, intermediate_size=32,
+                                                                             num_heads=2, out_hidden_size=64))
+
+
 # model_type -> a tiny config of that family (tests/test_families.py checks every family has one)
 TINY_CONFIGS = {
     "mixtral": mixtral_config,
@@ -161,6 +205,10 @@ TINY_CONFIGS = {
     "olmoe": olmoe_config,
     "deepseek_v2": v2_lite_config,
     "deepseek_v3": v3_config,
+    "deepseek_v32": v32_config,
+    "qwen3_next": qwen3_next_config,
+    "qwen3_5_moe": qwen3_5_moe_config,
+    "qwen3_5_moe_text": qwen3_5_moe_text_config,
 }
 
 

@@ -39,6 +39,8 @@ def open_session(model: str, load: LoadOptions, need_tokenizer: bool = False):
     lm = session.lm
     err.print(f"[dim]loaded {lm.model.family} from {escape(str(lm.root))} on {lm.device} ({str(lm.dtype).removeprefix('torch.')}) "
               f"in {time.perf_counter() - t0:.1f} s[/]")
+    for note in lm.model.notes():
+        err.print(f"[yellow]note: {escape(note)}[/]")
     if load.cache.gpu_mem is not None and lm.device.type != "cuda":
         err.print("[yellow]note: --gpu-mem is ignored on the CPU; --ram sizes the expert cache[/]")
     return session
@@ -313,7 +315,7 @@ def inspect_cmd(
     """Family, experts, parameters and the memory a run needs, from config and headers (no weights read).
 
     On a pack: also the scheme of every tensor group and the bytes of one expert per MoE layer."""
-    from moe_local.runtime.inspect import pack_rows, summarize
+    from moe_local.runtime.inspect import CONFIG_ONLY, pack_rows, summarize
 
     s = summarize(model, dtype)
     if as_json:
@@ -334,13 +336,20 @@ def inspect_cmd(
         ("checkpoint", f"{format_bytes(s.checkpoint_bytes)} ({s.checkpoint_dtype})"),
         ("bytes per expert", f"{format_bytes(s.bytes_per_expert)} ({s.checkpoint_dtype})"),
         (f"KV cache per token ({s.run_dtype})", format_bytes(s.kv_bytes_per_token)),
+        *([("recurrent state (fixed)", f"{format_bytes(s.state_bytes)} (linear-attention layers, any context)")]
+          if s.state_bytes else []),
         (f"memory, all resident ({s.run_dtype})", format_bytes(s.memory_all_resident)),
         (f"min --ram, offload ({s.run_dtype})",
          f"{format_bytes(s.memory_min_offload)} (CPU expert offload: resident weights + one layer's "
          f"top-{s.top_k} experts, the budget check's minimum; KV cache not included)"),
     ]
+    if s.checkpoint_dtype == CONFIG_ONLY:  # a folder with only config.json: nothing stored to describe
+        at = [name for name, _ in rows].index("checkpoint")
+        rows[at:at + 2] = [("checkpoint", f"none ({CONFIG_ONLY})"),
+                           ("bytes per expert", f"{format_bytes(s.bytes_per_expert)} (in {s.run_dtype})")]
     if s.pack is not None:  # packed experts: the memory figures keep them packed
-        rows[-4:-3] = [("largest expert", f"{format_bytes(s.bytes_per_expert)} (packed)")]
+        at = [name for name, _ in rows].index("bytes per expert")
+        rows[at] = ("largest expert", f"{format_bytes(s.bytes_per_expert)} (packed)")
         rows += pack_rows(s.pack)
     for name, value in rows:
         table.add_row(name, value)

@@ -11,8 +11,9 @@ family's map is the defaults. What a map states:
   `<experts>.<down>` [E, H, I] with `fused` naming those two.
 - `renames`: (our prefix, checkpoint prefix) pairs for a family whose module names differ from its
   checkpoint's names; the first matching pair applies. Empty for every family today.
-- `keep_fp32`: parameters (by last name component) loaded in float32 whatever the run dtype, because
-  rounding them would change which experts win (DeepSeek-V3's `e_score_correction_bias`).
+- `keep_fp32`: parameters (by last name component, or by a dotted suffix) loaded in float32 whatever
+  the run dtype, because rounding them would change which experts (DeepSeek-V3's
+  `e_score_correction_bias`) or which keys (DeepSeek-V3.2's `indexer.weights_proj.weight`) win.
 - `ignored`: regular expressions of checkpoint tensors deliberately never read (rotary buffers of
   old checkpoints), and `ignore_extra_layers` for checkpoints that store layers past
   `num_hidden_layers` (DeepSeek-V3's multi-token-prediction module).
@@ -49,7 +50,7 @@ class CheckpointMap:
         return param
 
     def keeps_fp32(self, param: str) -> bool:
-        return param.rsplit(".", 1)[-1] in self.keep_fp32
+        return any(param == k or param.endswith("." + k) for k in self.keep_fp32)
 
     def expert_prefix(self, layer: int) -> str:
         return self.experts.format(layer=layer)

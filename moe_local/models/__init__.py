@@ -22,6 +22,10 @@ FAMILIES: dict[str, str] = {
     "olmoe": "moe_local.models.olmoe:Olmoe",
     "deepseek_v2": "moe_local.models.deepseek:DeepseekV2",
     "deepseek_v3": "moe_local.models.deepseek:DeepseekV3",
+    "deepseek_v32": "moe_local.models.deepseek_v32:DeepseekV32",
+    "qwen3_next": "moe_local.models.qwen3_next:Qwen3Next",
+    "qwen3_5_moe": "moe_local.models.qwen3_5_moe:Qwen35Moe",  # the hub's multimodal config (text model run)
+    "qwen3_5_moe_text": "moe_local.models.qwen3_5_moe:Qwen35Moe",  # what transformers saves for the text model
 }
 
 

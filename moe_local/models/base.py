@@ -112,15 +112,26 @@ class ModelArgs:
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + mixer(norm(x)), then x + mlp(norm(x)).
 
-    def __init__(self, attn: nn.Module, mlp: nn.Module, hidden: int, eps: float, mlp_name: str = "mlp") -> None:
+    The token mixer is attention (`self_attn`) in most families; hybrid families name theirs as their
+    checkpoints do (Qwen3-Next's `linear_attn`), hence `attn_name`. Every mixer takes (x, start, rope)
+    and owns its cache (`setup_cache`, `.cache.nbytes()`). `norm` is the RMSNorm variant the family uses.
+    """
+
+    def __init__(self, attn: nn.Module, mlp: nn.Module, hidden: int, eps: float, mlp_name: str = "mlp",
+                 attn_name: str = "self_attn", norm: type[nn.Module] = RMSNorm) -> None:
         super().__init__()
-        self.self_attn = attn
-        self.input_layernorm = RMSNorm(hidden, eps)
-        self.post_attention_layernorm = RMSNorm(hidden, eps)
+        self.attn_name = attn_name
+        setattr(self, attn_name, attn)
+        self.input_layernorm = norm(hidden, eps)
+        self.post_attention_layernorm = norm(hidden, eps)
         self.mlp_name = mlp_name
         setattr(self, mlp_name, mlp)
+
+    @property
+    def mixer(self) -> nn.Module:
+        return getattr(self, self.attn_name)
 
     @property
     def ffn(self) -> nn.Module:
@@ -131,7 +142,7 @@ class DecoderLayer(nn.Module):
         h = self.input_layernorm(x)
         if tap is not None:
             tap("attn", h)
-        x = x + self.self_attn(h, start, rope)
+        x = x + self.mixer(h, start, rope)
         h = self.post_attention_layernorm(x)
         if tap is not None:
             tap("mlp", h)
@@ -139,11 +150,11 @@ class DecoderLayer(nn.Module):
 
 
 class Backbone(nn.Module):
-    def __init__(self, args: ModelArgs, layers: list[DecoderLayer]) -> None:
+    def __init__(self, args: ModelArgs, layers: list[DecoderLayer], norm: type[nn.Module] = RMSNorm) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(layers)
-        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.norm = norm(args.hidden_size, args.rms_norm_eps)
 
 
 class CausalLM(nn.Module):
@@ -151,13 +162,14 @@ class CausalLM(nn.Module):
 
     family: ClassVar[str] = ""
     Args: ClassVar[type[ModelArgs]] = ModelArgs
+    Norm: ClassVar[type[nn.Module]] = RMSNorm  # the final norm's class (decoder layers get theirs in make_layer)
     checkpoint_map: ClassVar[CheckpointMap] = CheckpointMap()
 
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.args = args
         self.experts = ExpertsHandle()
-        self.model = Backbone(args, [self.make_layer(i) for i in range(args.num_hidden_layers)])
+        self.model = Backbone(args, [self.make_layer(i) for i in range(args.num_hidden_layers)], self.Norm)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self.rope: Rope | None = None
         self.max_len = 0
@@ -174,6 +186,10 @@ class CausalLM(nn.Module):
     def make_rope(self, max_len: int, device, dtype) -> Rope:
         return Rope(self.args.rope_config(), max(max_len, 1), device, dtype)
 
+    def notes(self) -> list[str]:
+        """One-line remarks a user should see once at load time (e.g. parts of the checkpoint not run)."""
+        return []
+
     # ------------------------------------------------------------ running
     def setup_cache(self, max_len: int) -> None:
         """Allocate the KV cache (and rope tables) for sequences of up to max_len tokens."""
@@ -182,22 +198,30 @@ class CausalLM(nn.Module):
         self.kv_version += 1
         self.rope = self.make_rope(max_len, device, dtype)
         for layer in self.model.layers:
-            layer.self_attn.setup_cache(max_len, device, dtype)
+            layer.mixer.setup_cache(max_len, device, dtype)
 
     def kv_cache_bytes(self, context: int | None = None, dtype: torch.dtype | None = None) -> int:
         """Bytes of the KV cache allocated now; with `context`, of one for that many tokens in `dtype`
         (sized on the meta device: nothing is allocated and the current cache is kept)."""
         if context is None:
-            return sum(layer.self_attn.cache.nbytes() for layer in self.model.layers if layer.self_attn.cache)
+            return sum(layer.mixer.cache.nbytes() for layer in self.model.layers if layer.mixer.cache is not None)
         total = 0
         for layer in self.model.layers:
-            attn, old = layer.self_attn, layer.self_attn.cache
+            attn, old = layer.mixer, layer.mixer.cache
             try:
                 attn.setup_cache(context, torch.device("meta"), dtype or self.lm_head.weight.dtype)
                 total += attn.cache.nbytes()
             finally:
                 attn.cache = old
         return total
+
+    def can_resume(self, start: int) -> bool:
+        """Whether a forward may start at `start` and reuse the cached positions before it.
+
+        A KV cache can: positions >= start are simply overwritten. A recurrent state (hybrid families)
+        holds one summary of its whole history, which can only be continued from the exact position
+        it reached; those families override this (see `runtime.Generator`'s prefix reuse)."""
+        return True
 
     def routers(self) -> dict[int, Router]:
         """Layer index -> router module, for predicting later layers' experts."""

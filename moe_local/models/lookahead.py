@@ -6,7 +6,8 @@ run report's `router_recall` measures how many).
 
 What we have at layer L's MoE block is `x = norm_L(h)` (RMSNorm with weight w_L). The router of
 layer j expects `norm_j(h_j)`. Since both norms divide by the same RMS of h, `norm_j(h) =
-x * w_j / w_L` exactly for the current h, so the prediction uses layer j's own norm weight.
+x * w_j / w_L` exactly for the current h, so the prediction uses layer j's own norm weight (its
+`gain()` for norms that scale by something else, like the zero-centred ones scaling by 1 + w).
 (Channels where w_L is ~0 carry no information and are zeroed.)
 
 The first MoE layer has no earlier MoE layer to predict it, so without more it is always a cold
@@ -78,7 +79,11 @@ class RouterLookahead:
         return self._listen(self.sources(), callback)
 
     def _norm_weight(self, layer: int, site: str) -> torch.Tensor:
-        return getattr(self.layers[layer], _NORMS[site]).weight
+        """The norm's per-channel multiplier: `weight`, or `gain()` where the norm scales by something
+        else (the zero-centred RMSNorms of Qwen3-Next / Qwen3.5 multiply by 1 + weight)."""
+        norm = getattr(self.layers[layer], _NORMS[site])
+        gain = getattr(norm, "gain", None)
+        return gain() if callable(gain) else norm.weight
 
     def _scale(self, src: int, site: str, dst: int) -> torch.Tensor:
         key = (src, site, dst)

@@ -75,12 +75,14 @@ def rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 class MLACache:
     """Per layer, per token: the normed latent (kv_lora_rank) and the rotated rope key (qk_rope_head_dim).
 
-    One buffer [max_len, kv_lora_rank + qk_rope_head_dim]; `latent` and `k_pe` are views into it.
+    One buffer [max_len, kv_lora_rank + qk_rope_head_dim (+ extra)]; `latent` and `k_pe` are views
+    into it. `extra` columns after them belong to a subclass (DeepSeek-V3.2's indexer keys, `dsa.py`).
     """
 
-    def __init__(self, max_len: int, kv_lora_rank: int, rope_dim: int, device, dtype) -> None:
+    def __init__(self, max_len: int, kv_lora_rank: int, rope_dim: int, device, dtype, extra: int = 0) -> None:
         self.kv_lora_rank = kv_lora_rank
-        self.buf = torch.zeros(max_len, kv_lora_rank + rope_dim, device=device, dtype=dtype)
+        self.rope_end = kv_lora_rank + rope_dim
+        self.buf = torch.zeros(max_len, self.rope_end + extra, device=device, dtype=dtype)
 
     @property
     def values_per_token(self) -> int:
@@ -89,9 +91,10 @@ class MLACache:
     def update(self, start: int, latent: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write tokens start..start+T-1; return the latents [S, L] and rope keys [S, R] of all S cached tokens."""
         end = start + latent.shape[0]
-        self.buf[start:end, : self.kv_lora_rank] = latent
-        self.buf[start:end, self.kv_lora_rank :] = k_pe
-        return self.buf[:end, : self.kv_lora_rank], self.buf[:end, self.kv_lora_rank :]
+        L, R = self.kv_lora_rank, self.rope_end
+        self.buf[start:end, :L] = latent
+        self.buf[start:end, L:R] = k_pe
+        return self.buf[:end, :L], self.buf[:end, L:R]
 
     def nbytes(self) -> int:
         return self.buf.numel() * self.buf.element_size()
@@ -135,14 +138,21 @@ class MLAttention(nn.Module):
         out = rope_interleaved(x, cos, sin) if self.o.interleaved else apply_rope(x, cos, sin)
         return out.to(dtype)
 
-    def _queries(self, x: torch.Tensor) -> torch.Tensor:
+    def _q_resid(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The normed query latent q_a_layernorm(q_a_proj(x)) [T, q_lora_rank]; None without q_lora_rank."""
+        return None if self.o.q_lora_rank is None else self.q_a_layernorm(self.q_a_proj(x))
+
+    def _queries(self, x: torch.Tensor, q_resid: torch.Tensor | None) -> torch.Tensor:
         """[H, T, qk_head_dim]"""
         o, T = self.o, x.shape[0]
-        if o.q_lora_rank is None:
-            q = self.q_proj(x)
-        else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = self.q_proj(x) if q_resid is None else self.q_b_proj(q_resid)
         return q.view(T, o.heads, o.qk_head_dim).transpose(0, 1)
+
+    def key_mask(self, x: torch.Tensor, q_resid: torch.Tensor | None, start: int,
+                 rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor | None:
+        """Boolean [T, S] of the cached keys each query may see (None: all). Plain MLA: causal;
+        DeepSeek-V3.2 (`dsa.py`) further restricts it to its indexer's top-k keys."""
+        return attention_mask(start, x.shape[0], x.device)
 
     def _kv_b(self) -> tuple[torch.Tensor, torch.Tensor]:
         """kv_b_proj split per head: W_uk [H, nope, L] and W_uv [H, v, L] (views, no copies)."""
@@ -153,7 +163,8 @@ class MLAttention(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, start: int, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         o, T = self.o, x.shape[0]
-        q = self._queries(x)
+        q_resid = self._q_resid(x)
+        q = self._queries(x, q_resid)
         q_nope, q_pe = q.split([o.qk_nope_head_dim, o.qk_rope_head_dim], dim=-1)
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([o.kv_lora_rank, o.qk_rope_head_dim], dim=-1)
         latent = self.kv_a_layernorm(latent)
@@ -163,7 +174,7 @@ class MLAttention(nn.Module):
         assert self.cache is not None, "call model.setup_cache() first"
         latent, k_pe = self.cache.update(start, latent, k_pe)  # all S cached tokens
         S = latent.shape[0]
-        mask = attention_mask(start, T, x.device)
+        mask = self.key_mask(x, q_resid, start, rope)
         absorb = self.absorb if self.absorb is not None else 4 * T <= S
         out = self._absorbed(q_nope, q_pe, latent, k_pe, mask) if absorb else \
             self._expanded(q_nope, q_pe, latent, k_pe, mask)

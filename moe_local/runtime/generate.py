@@ -210,6 +210,11 @@ class Generator:
         return len(self._cached)
 
     def _common_prefix(self, prompt_ids: Sequence[int]) -> int:
+        """How many leading prompt tokens the cache already holds (and the forward may skip).
+
+        A model with recurrent state (`can_resume`) only continues from exactly where its state is:
+        when the new prompt diverges inside the cached sequence, or equals it (one token must run),
+        it is recomputed from position 0 rather than continued from a state that saw other tokens."""
         if not self.reuse_prefix:
             return 0
         n = 0
@@ -217,7 +222,8 @@ class Generator:
             if a != b:
                 break
             n += 1
-        return min(n, len(prompt_ids) - 1)  # at least one token must run to get next-token logits
+        n = min(n, len(prompt_ids) - 1)  # at least one token must run to get next-token logits
+        return n if n == 0 or self.model.can_resume(n) else 0
 
     def stream(self, prompt_ids: Sequence[int], options: GenerateOptions | None = None) -> GenerationStream:
         options = options or GenerateOptions()

@@ -17,7 +17,7 @@ from typing import Any
 
 from moe_local.cache.budget import min_budget
 from moe_local.errors import CheckpointError
-from moe_local.loading.checkpoint import Checkpoint
+from moe_local.loading.checkpoint import INDEX_NAME, Checkpoint, read_json
 from moe_local.loading.hub import resolve_model_dir
 from moe_local.formats.pack import Pack, is_pack, read_st_header
 from moe_local.formats.schemes import get_scheme
@@ -25,6 +25,8 @@ from moe_local.models.weights import checkpoint_experts, resident_bytes
 from moe_local.runtime.loader import build_model_for, resolve_dtype
 from moe_local.units import BY_SAFETENSORS, DTYPES, format_bytes, layer_ranges
 
+
+CONFIG_ONLY = "no weights: sizes from config.json"  # checkpoint_dtype of a config-only summary
 
 
 def read_safetensors_header(path: Path) -> dict[str, dict]:
@@ -64,6 +66,9 @@ class ModelSummary:
     # the smallest --ram the tiered cache accepts on a CPU: resident (non-expert) weights in run_dtype +
     # one layer's top-k expert slots, by cache.budget.min_budget (the rule plan_budget enforces)
     memory_min_offload: int
+    # fixed-size per-sequence state that does not grow with the context (hybrid families' recurrent
+    # conv + delta-rule state; 0 for pure attention); counted in memory_all_resident
+    state_bytes: int = 0
     # For a pack: Pack.describe() (scheme per tensor group, bytes per expert per layer, sizes), each
     # group also carrying `group_size_used` (see Scheme.group_size_for). None for a checkpoint.
     pack: dict[str, Any] | None = None
@@ -83,6 +88,8 @@ def summarize(ref: str | Path, run_dtype: str = "bfloat16") -> ModelSummary:
     root = resolve_model_dir(ref)
     if is_pack(root):
         return summarize_pack(root, run_dtype)
+    if is_config_only(root):
+        return summarize_config(read_json(root / "config.json"), root, run_dtype)
     ckpt = Checkpoint(root)
     model = build_model_for(ckpt.config, root)  # meta device: shapes, no memory
     a = model.args
@@ -101,6 +108,23 @@ def summarize(ref: str | Path, run_dtype: str = "bfloat16") -> ModelSummary:
         expert_run_bytes=len(a.moe_layers) * per_expert * DTYPES[run_dtype].itemsize,
         checkpoint_dtype=dtype, checkpoint_bytes=on_disk, bytes_per_expert=per_expert * (BY_SAFETENSORS[dtype].itemsize if dtype in BY_SAFETENSORS else 2),
     )
+
+
+def is_config_only(root: Path) -> bool:
+    """A folder with config.json and no weights at all: `inspect` sizes the model from the config."""
+    return ((root / "config.json").is_file() and not (root / INDEX_NAME).is_file()
+            and not any(root.glob("*.safetensors")))
+
+
+def summarize_config(config: dict, root: Path, run_dtype: str = "bfloat16") -> ModelSummary:
+    """Every figure from config.json alone, through the model built on the meta device (shapes, no
+    memory), so a 600 GB model can be sized from its 2 KB config before anything is downloaded.
+    With no files there are no stored bytes: checkpoint_bytes is 0 and an expert is counted in run_dtype."""
+    model = build_model_for(config, root)
+    a = model.args
+    per_expert = _expert_params(a) * DTYPES[run_dtype].itemsize
+    return _summary(model, root, config, run_dtype, expert_run_bytes=len(a.moe_layers) * per_expert,
+                    checkpoint_dtype=CONFIG_ONLY, checkpoint_bytes=0, bytes_per_expert=per_expert)
 
 
 def _pack_groups(groups: list[dict]) -> list[dict]:
@@ -144,18 +168,22 @@ def _summary(model, root: Path, config: dict, run_dtype: str, expert_run_bytes: 
     n_moe = len(a.moe_layers)
     run = DTYPES[run_dtype]
     resident = resident_bytes(model, run.torch)  # before any KV cache exists
-    kv_per_token = model.kv_cache_bytes(1, run.torch)  # sized on the meta device
+    # Caches for 1 and 2 tokens, sized on the meta device: the difference grows with the context, the
+    # rest is fixed (a recurrent state, kept in its own dtype whatever run_dtype is).
+    one = model.kv_cache_bytes(1, run.torch)
+    per_token = model.kv_cache_bytes(2, run.torch) - one
+    state = one - per_token
     bpe = run.itemsize
     ctx = int(a.max_position_embeddings)
-    kv_total = kv_per_token * ctx
+    kv_total = per_token * ctx
     return ModelSummary(
         path=str(root), family=model.family, layers=a.num_hidden_layers, moe_layers=n_moe,
-        experts_per_layer=a.num_experts, top_k=a.num_experts_per_tok, shared_experts=_shared_experts(config),
+        experts_per_layer=a.num_experts, top_k=a.num_experts_per_tok, shared_experts=_shared_experts(a.raw or config),
         hidden_size=a.hidden_size, expert_intermediate_size=a.moe_intermediate_size, context_length=ctx,
         total_params=dense + n_moe * a.num_experts * per_expert,
         active_params=dense + n_moe * a.num_experts_per_tok * per_expert,
-        dense_params=dense, expert_params=per_expert, run_dtype=run_dtype, kv_bytes_per_token=kv_per_token,
-        memory_all_resident=dense * bpe + a.num_experts * expert_run_bytes + kv_total,
+        dense_params=dense, expert_params=per_expert, run_dtype=run_dtype, kv_bytes_per_token=per_token,
+        memory_all_resident=dense * bpe + a.num_experts * expert_run_bytes + kv_total + state, state_bytes=state,
         memory_min_offload=min_budget(slot_bytes=stored["bytes_per_expert"], top_k=a.num_experts_per_tok,
                                       resident_bytes=resident),
         **stored,
@@ -199,4 +227,5 @@ def pack_size_text(weight_bytes: int, other_bytes: int, approx: bool = False) ->
             f"alignment padding) + manifest, config and tokenizer {format_bytes(other_bytes)}")
 
 
-__all__ = ["ModelSummary", "pack_rows", "pack_size_text", "read_safetensors_header", "summarize", "summarize_pack"]
+__all__ = ["ModelSummary", "is_config_only", "pack_rows", "pack_size_text", "read_safetensors_header", "summarize",
+           "summarize_config", "summarize_pack"]
