@@ -31,8 +31,9 @@ class ServerProcess:
     def __init__(self, model: Path, *args: str) -> None:
         env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                "COLUMNS": "400"}
+        # On the CPU like the references, so the tests mean the same on a machine with a GPU.
         cmd = [sys.executable, "-m", "moe_local.cli.app", "serve", str(model), "--host", "127.0.0.1",
-               "--port", "0", *args]
+               "--port", "0", "--device", "cpu", *args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
                                      cwd=ROOT)
         self.lines: list[str] = []

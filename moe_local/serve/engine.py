@@ -96,8 +96,10 @@ class Engine:
 
     @property
     def cached_tokens(self) -> int:
-        """Positions of the KV cache holding the previous sequence (what the next request may reuse)."""
-        return len(self.session.generator._cached)
+        """Positions of the KV cache holding the previous sequence (what the next request may reuse):
+        its prompt and every generated token but the last, which was sampled and never run."""
+        r = self.last_result
+        return 0 if r is None else len(r.prompt_ids) + max(len(r.tokens) - 1, 0)
 
     def check_prompt(self, ids: list[int], param: str) -> None:
         """A 400 for an empty prompt, a bad token id or a prompt that leaves no room to generate."""

@@ -120,4 +120,10 @@ def serve(app, engine: Engine, sock: socket.socket, on_ready: Callable[[], None]
 
     config = uvicorn.Config(app, log_config=None, access_log=False, log_level="warning", lifespan="on",
                             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, ws="none")
-    Server(config).run(sockets=[sock])
+    try:
+        Server(config).run(sockets=[sock])
+    finally:
+        # After a forced quit uvicorn skips the lifespan shutdown: the worker must still be stopped
+        # before the caller closes the session under it (a prefill in progress cannot be interrupted).
+        engine.stop()
+        engine.join(GRACEFUL_SHUTDOWN_S)
