@@ -313,6 +313,12 @@ class OraclePredictor:
     def __init__(self, routing, shape: Shape, depth: int, extra: int) -> None:
         self.routing, self.shape, self.depth, self.extra, self.t = routing, shape, depth, extra, 0
 
+    def sources(self) -> list:
+        return []  # no earlier prediction points: the replay starts at the first MoE layer
+
+    def listen(self, callback):
+        return lambda: None
+
     def predict(self, layer: int, x, site: str = "mlp"):
         out = []
         for d in range(1, self.depth + 1):

@@ -6,7 +6,7 @@ token exactly as decoding them one by one with a KV cache would -- and records, 
 layer, the top-k expert ids the router picked. With `--max-depth D` it also records router-lookahead
 predictions: at MoE layer L, the routers of layers L+1..L+D applied to L's hidden state (the residual
 stream entering L's MoE block, normalised by the later layer's own post-attention norm), top-k plus
-`--extra` ids. The first MoE layer F has no MoE layer before it: as the runtime does (prefetch.py),
+`--extra` ids. The first MoE layer F has no MoE layer before it: as the runtime does (models/lookahead.py),
 layers F..F+D-1 are predicted from the residual stream entering F (before its attention), stored as
 predicted[d] for moe_layers[d - 1]. Those are what `moe-local simulate --prefetch-depth` replays.
 

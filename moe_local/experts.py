@@ -11,6 +11,8 @@ provider's business; what an expert *is* lives here:
 - `ExpertSource`: where experts come from (a Hugging Face checkpoint, a pack); `load(layer, e)`.
 - `combine_experts`: the dispatch loop shared by every provider. It visits experts in ascending id
   order whatever is cached, so the arithmetic (and therefore the tokens) cannot depend on cache state.
+- `ExpertPredictor`: what a model offers a provider that prefetches (its router look-ahead). The
+  model and the cache meet only here: the cache never looks inside the model.
 """
 
 from __future__ import annotations
@@ -83,6 +85,39 @@ class ExpertSource(Protocol):
     num_experts: int
 
     def load(self, layer: int, expert: int) -> ExpertWeights: ...
+
+
+Prediction = tuple[int, int, list[int]]  # (depth, target MoE layer, expert ids, most confident first)
+
+
+@runtime_checkable
+class ExpertPredictor(Protocol):
+    """A model's router look-ahead (`CausalLM.lookahead(depth, extra)`, models/lookahead.py).
+
+    Sites name where in a decoder layer a hidden state was taken: "attn" (the normed input of its
+    attention) or "mlp" (the normed input of its MLP -- for an MoE layer, the `x` its provider is
+    called with). A prefetching provider calls `predict` with each MoE layer's input, and `listen`s
+    at `sources()`: the points before the first MoE layer's routing (dense layers' MLP inputs, the
+    first MoE layer's attention input) at which the model hands over its hidden state, so that the
+    first MoE layer is predicted too.
+    """
+
+    depth: int  # MoE layers ahead
+    extra: int  # spare ids per token beyond each router's top-k
+
+    def sources(self) -> list[tuple[int, str]]:
+        """(layer, site) points `listen` reports, in execution order; [] when there are none."""
+        ...
+
+    def predict(self, layer: int, x: torch.Tensor, site: str = "mlp") -> list[Prediction]:
+        """x [T, H]: the normed hidden state at (layer, site). One entry per MoE layer of the next
+        `depth` (nearest first): the ids its router picks for x, then the spares."""
+        ...
+
+    def listen(self, callback: Callable[[int, torch.Tensor, str], None]) -> Callable[[], None]:
+        """Have the model call `callback(layer, x, site)` at every source during its forward passes;
+        returns the function that stops it."""
+        ...
 
 
 class ExpertProvider(Protocol):

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from moe_local.cache.prefetch import RouterLookahead
 from moe_local.cache.tiered import TieredExperts
+from moe_local.models.lookahead import RouterLookahead
 from moe_local.runtime.loader import LoadedModel, load_model
 from tests.tiny import our_greedy
 
@@ -55,8 +55,7 @@ def eval_ids(shared_model: Path, n: int) -> torch.Tensor:
 def make_mixtral_pack(root: Path, scheme: str = "int4") -> Path:
     from moe_local.convert.quantize import quantize
     from moe_local.convert.recipes import build_recipe
-    from tests.test_mixtral import mixtral_config
-    from tests.tiny import save_tiny
+    from tests.tiny import mixtral_config, save_tiny
 
     save_tiny(mixtral_config(), root / "ckpt")
     quantize(root / "ckpt", root / "pack", build_recipe(scheme, group_size=16 if scheme == "int4" else None))

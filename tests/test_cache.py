@@ -17,7 +17,7 @@ from moe_local.errors import MoeLocalError
 from moe_local.experts import ResidentExperts
 from moe_local.formats.pack import Pack
 from moe_local.runtime.loader import load_model
-from moe_local.cache.prefetch import RouterLookahead
+from moe_local.models.lookahead import RouterLookahead
 from tests.cache_fixtures import (eval_ids, make_deepseek_pack, make_mixtral_pack, one_thread, pack,  # noqa: F401
                                   run, tiered_factory)
 
@@ -132,6 +132,12 @@ class FixedPredictor:
     def __init__(self, guesses):
         self.guesses = guesses  # layer -> [(depth, target, ids)]
 
+    def sources(self):
+        return []
+
+    def listen(self, callback):
+        raise AssertionError("a predictor without sources is never listened to")
+
     def predict(self, layer, x, site="mlp"):
         return self.guesses.get(layer, [])
 
@@ -175,21 +181,24 @@ class MoeLayersOnly(RouterLookahead):
         return []
 
 
-def test_first_moe_layer_is_predicted_and_the_hooks_go_away(pack, prompt, tmp_path):
+def test_first_moe_layer_is_predicted_and_the_model_stops_calling_after_close(pack, prompt, tmp_path):
     """Tiny Mixtral (no dense layer): layer 0 is predicted from its own attention input."""
     from moe_local.cache.trace import read_trace
 
     path = tmp_path / "t.jsonl"
     _, _, lm = run(pack, prompt, tiered_factory(slots=8, depth=1, trace=path))
-    assert RouterLookahead(lm.model, 1).sources() == [(0, "attn")]
+    assert lm.model.lookahead(1).sources() == [(0, "attn")]
     tr = read_trace(path)
     last_of_pass = [tok for i, tok in enumerate(tr.tokens)
                     if i + 1 == len(tr.tokens) or tr.tokens[i + 1].pass_id != tok.pass_id]
     assert len(last_of_pass) == 2 + 16  # two prompt passes, then one pass per decode step
     assert all(tok.predicted[1][0] is not None for tok in last_of_pass)
     assert lm.provider.report()["tokens"] == {"prefill": 32, "decode": 16}  # each pass counted once
-    assert all(not layer.input_layernorm._forward_hooks and not layer.ffn._forward_pre_hooks
-               for layer in lm.model.model.layers)  # close() detached them
+    closed = lm.provider  # close() stopped listening: another forward does not reach it
+    lm.model.experts.provider = ResidentExperts(Pack(pack))
+    lm.model.setup_cache(prompt.shape[0])
+    lm.model(prompt, 0)
+    assert closed.report()["tokens"] == {"prefill": 32, "decode": 16}
 
 
 def test_dense_layer_and_attention_hooks_lift_the_first_moe_layer(shared_model, tmp_path):
@@ -210,7 +219,7 @@ def test_dense_layer_and_attention_hooks_lift_the_first_moe_layer(shared_model, 
         results[cls] = logits, {r["layer"]: r["hit_rate"] for r in c["layers"]}
     (before, hits_before), (after, hits_after) = results[MoeLayersOnly], results[RouterLookahead]
     assert torch.equal(before, after)
-    assert RouterLookahead(lm.model, 1).sources() == [(0, "mlp"), (1, "attn")]
+    assert lm.model.lookahead(1).sources() == [(0, "mlp"), (1, "attn")]
     assert hits_after[1] >= hits_before[1] + 0.15, (hits_before, hits_after)
 
 
@@ -337,6 +346,12 @@ class RandomPredictor:
 
     def __init__(self, rng, depth):
         self.rng, self.depth, self.extra = rng, depth, 0
+
+    def sources(self):
+        return []
+
+    def listen(self, callback):
+        raise AssertionError("a predictor without sources is never listened to")
 
     def predict(self, layer, x, site="mlp"):
         return [(d, layer + d, self.rng.sample(range(8), self.rng.randint(0, 4)))

@@ -15,41 +15,11 @@ from moe_local.loading.checkpoint import Checkpoint
 from moe_local.models.deepseek import BiasedRouter
 from moe_local.models.layers import RopeConfig, Router, rope_inv_freq
 from moe_local.models.mla import MLAttention
+from moe_local.models.weights import unread_tensors
 from moe_local.models.routing import deepseek_v2_topk, deepseek_v3_noaux_tc
 from moe_local.runtime.loader import load_model
-from tests.tiny import PROMPT_LEN, assert_matches_reference, reference_logits, save_tiny
-
-VOCAB = 256
-YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0, "original_max_position_embeddings": 32,
-        "mscale": 0.707, "mscale_all_dim": 0.707, "beta_fast": 32, "beta_slow": 1}
-
-
-def v2_lite_config(**kw):
-    """DeepSeek-V2-Lite shape in miniature: no q_lora_rank, softmax greedy, 2 shared experts, YaRN."""
-    from transformers import DeepseekV2Config
-
-    base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
-                num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=None,
-                kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8,
-                num_experts_per_tok=2, n_shared_experts=2, first_k_dense_replace=1, topk_method="greedy",
-                routed_scaling_factor=1.0, max_position_embeddings=256, rope_parameters=dict(YARN))
-    base.update(kw)
-    return DeepseekV2Config(**base)
-
-
-def v3_config(**kw):
-    """DeepSeek-V3 shape in miniature: q_lora_rank, noaux_tc with 4 groups (keep 2), 1 shared expert."""
-    from transformers import DeepseekV3Config
-
-    base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
-                num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=48,
-                kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=16,
-                num_experts_per_tok=4, n_shared_experts=1, n_group=4, topk_group=2, first_k_dense_replace=1,
-                routed_scaling_factor=2.5, norm_topk_prob=True, max_position_embeddings=256)
-    base.update(kw)
-    return DeepseekV3Config(**base)
-
-
+from tests.tiny import (PROMPT_LEN, VOCAB, YARN, assert_matches_reference, reference_logits, save_tiny,
+                        v2_lite_config, v3_config)
 def prompt(seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, (PROMPT_LEN,), generator=torch.Generator().manual_seed(seed))
 
@@ -222,8 +192,10 @@ def test_v3_mtp_layer_tensors_are_ignored(tmp_path):
     save_file({**tensors, **extra}, tmp_path / "model.safetensors", metadata={"format": "pt"})
     lm = assert_matches_reference(tmp_path, ref, vocab=VOCAB)
     assert len(lm.model.model.layers) == cfg.num_hidden_layers
-    assert all(lm.model.skip_checkpoint_tensor(name) for name in extra)
-    assert not lm.model.skip_checkpoint_tensor("model.layers.2.self_attn.q_a_proj.weight")
+    cmap, n = lm.model.checkpoint_map, cfg.num_hidden_layers
+    assert all(cmap.is_ignored(name, n) for name in extra)
+    assert not cmap.is_ignored("model.layers.2.self_attn.q_a_proj.weight", n)
+    assert unread_tensors(lm.model, Checkpoint(tmp_path)) == []  # everything else is read
     assert cfg.num_hidden_layers not in lm.source.moe_layers
 
 

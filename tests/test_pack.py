@@ -18,8 +18,7 @@ from moe_local.formats.pack import ALIGN, MANIFEST, Pack, read_st_header
 from moe_local.convert.quantize import quantize
 from moe_local.convert.recipes import build_recipe
 from moe_local.runtime.loader import load_model
-from tests.test_mixtral import fuse_experts, mixtral_config
-from tests.tiny import our_greedy, reference_logits, save_tiny
+from tests.tiny import fuse_experts, mixtral_config, our_greedy, reference_logits, save_tiny
 
 LAYERS, EXPERTS = 3, 8
 EXPERT_NAMES = {"gate": "w1", "up": "w3", "down": "w2"}

@@ -10,44 +10,8 @@ import torch
 
 from moe_local.errors import ConfigError
 from moe_local.models import build_model
-from tests.test_mixtral import fuse_experts
-from tests.tiny import assert_matches_reference, save_tiny
-
-VOCAB = 256
-
-
-def qwen2_moe_config(**kw):
-    from transformers import Qwen2MoeConfig
-
-    base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=80, moe_intermediate_size=32,
-                shared_expert_intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
-                num_key_value_heads=2, num_experts=8, num_experts_per_tok=2, decoder_sparse_step=2,
-                max_position_embeddings=128, tie_word_embeddings=False)
-    base.update(kw)
-    return Qwen2MoeConfig(**base)
-
-
-def qwen3_moe_config(**kw):
-    from transformers import Qwen3MoeConfig
-
-    # head_dim 24 != hidden/heads = 16: the explicit head_dim must be honoured
-    base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=80, moe_intermediate_size=32,
-                num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=24, num_experts=8,
-                num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[1],
-                max_position_embeddings=128, tie_word_embeddings=False)
-    base.update(kw)
-    return Qwen3MoeConfig(**base)
-
-
-def olmoe_config(**kw):
-    from transformers import OlmoeConfig
-
-    base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, num_experts=8, num_experts_per_tok=2,
-                clip_qkv=0.4, max_position_embeddings=128, tie_word_embeddings=False,
-                pad_token_id=None, eos_token_id=None)
-    base.update(kw)
-    return OlmoeConfig(**base)
+from tests.tiny import (VOCAB, assert_matches_reference, fuse_experts, olmoe_config, qwen2_moe_config,
+                        qwen3_moe_config, save_tiny)
 
 
 def _clip_is_active(ref, threshold: float) -> bool:

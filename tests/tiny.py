@@ -5,11 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from moe_local.runtime.loader import LoadedModel, load_model
 
 PROMPT_LEN = 16
 GREEDY_TOKENS = 24
+VOCAB = 256
 
 
 def save_tiny(config, path: Path, seed: int = 0):
@@ -73,3 +75,100 @@ def assert_matches_reference(path: Path, ref, vocab: int, atol: float = 1e-4, se
     assert diff <= atol, f"max |logit diff| {diff:.3g} > {atol}"
     assert our_greedy(lm, ids) == reference_greedy(ref, ids)
     return lm
+
+
+# --------------------------------------------------------------------------- tiny configs, one per family
+def mixtral_config(**kw):
+    from transformers import MixtralConfig
+
+    base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=48, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
+                max_position_embeddings=128, tie_word_embeddings=False)
+    base.update(kw)
+    return MixtralConfig(**base)
+
+
+def qwen2_moe_config(**kw):
+    from transformers import Qwen2MoeConfig
+
+    base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=80, moe_intermediate_size=32,
+                shared_expert_intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, num_experts=8, num_experts_per_tok=2, decoder_sparse_step=2,
+                max_position_embeddings=128, tie_word_embeddings=False)
+    base.update(kw)
+    return Qwen2MoeConfig(**base)
+
+
+def qwen3_moe_config(**kw):
+    from transformers import Qwen3MoeConfig
+
+    # head_dim 24 != hidden/heads = 16: the explicit head_dim must be honoured
+    base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=80, moe_intermediate_size=32,
+                num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=24, num_experts=8,
+                num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[1],
+                max_position_embeddings=128, tie_word_embeddings=False)
+    base.update(kw)
+    return Qwen3MoeConfig(**base)
+
+
+def olmoe_config(**kw):
+    from transformers import OlmoeConfig
+
+    base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, num_experts=8, num_experts_per_tok=2,
+                clip_qkv=0.4, max_position_embeddings=128, tie_word_embeddings=False,
+                pad_token_id=None, eos_token_id=None)
+    base.update(kw)
+    return OlmoeConfig(**base)
+
+
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0, "original_max_position_embeddings": 32,
+        "mscale": 0.707, "mscale_all_dim": 0.707, "beta_fast": 32, "beta_slow": 1}
+
+
+def v2_lite_config(**kw):
+    """DeepSeek-V2-Lite shape in miniature: no q_lora_rank, softmax greedy, 2 shared experts, YaRN."""
+    from transformers import DeepseekV2Config
+
+    base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=None,
+                kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8,
+                num_experts_per_tok=2, n_shared_experts=2, first_k_dense_replace=1, topk_method="greedy",
+                routed_scaling_factor=1.0, max_position_embeddings=256, rope_parameters=dict(YARN))
+    base.update(kw)
+    return DeepseekV2Config(**base)
+
+
+def v3_config(**kw):
+    """DeepSeek-V3 shape in miniature: q_lora_rank, noaux_tc with 4 groups (keep 2), 1 shared expert."""
+    from transformers import DeepseekV3Config
+
+    base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=48,
+                kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=16,
+                num_experts_per_tok=4, n_shared_experts=1, n_group=4, topk_group=2, first_k_dense_replace=1,
+                routed_scaling_factor=2.5, norm_topk_prob=True, max_position_embeddings=256)
+    base.update(kw)
+    return DeepseekV3Config(**base)
+
+
+# model_type -> a tiny config of that family (tests/test_families.py checks every family has one)
+TINY_CONFIGS = {
+    "mixtral": mixtral_config,
+    "qwen2_moe": qwen2_moe_config,
+    "qwen3_moe": qwen3_moe_config,
+    "olmoe": olmoe_config,
+    "deepseek_v2": v2_lite_config,
+    "deepseek_v3": v3_config,
+}
+
+
+def fuse_experts(path, prefix_fmt: str, names: tuple[str, str, str], layers: int, experts: int) -> None:
+    """Rewrite a per-expert checkpoint into the fused 3-D layout (gate_up_proj [E, 2I, H], down_proj [E, H, I])."""
+    tensors = load_file(path / "model.safetensors")
+    for layer in range(layers):
+        p = prefix_fmt.format(layer)
+        g, u, d = ([tensors.pop(f"{p}.{e}.{n}.weight") for e in range(experts)] for n in names)
+        tensors[f"{p}.gate_up_proj"] = torch.stack([torch.cat([a, b]) for a, b in zip(g, u)])
+        tensors[f"{p}.down_proj"] = torch.stack(d)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})

@@ -90,40 +90,6 @@ def module_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def planned_module_bytes(model: torch.nn.Module, dtype: torch.dtype) -> int:
-    """module_bytes of a model still on the meta device, once loaded in `dtype` (what `inspect` sees):
-    parameters named in the model's keep_fp32 stay float32 as models.load_weights keeps them, tied
-    weights count once, buffers keep their own dtype."""
-    keep_fp32 = getattr(model, "keep_fp32", ())
-    elem = torch.empty((), dtype=dtype).element_size()
-    total = 0
-    tied = getattr(getattr(model, "args", None), "tie_word_embeddings", False)  # tied only once loaded
-    for name, p in model.named_parameters():
-        if tied and name == "lm_head.weight":
-            continue
-        total += p.numel() * (4 if name.rsplit(".", 1)[-1] in keep_fp32 else elem)
-    return total + sum(b.numel() * b.element_size() for b in model.buffers())
-
-
-def kv_cache_bytes(model, context: int, dtype: torch.dtype) -> int:
-    """KV-cache bytes for `context` tokens, measured by allocating each layer's cache on the meta device."""
-    total = 0
-    for layer in getattr(getattr(model, "model", None), "layers", []):
-        attn = getattr(layer, "self_attn", None)
-        if attn is None or not hasattr(attn, "setup_cache"):
-            continue
-        old = getattr(attn, "cache", None)
-        try:
-            attn.setup_cache(context, torch.device("meta"), dtype)
-            cache = attn.cache
-            total += int(cache.nbytes()) if cache is not None else 0
-        except Exception:  # a family with an exotic cache: count nothing rather than refuse to run
-            pass
-        finally:
-            attn.cache = old
-    return total
-
-
 def workspace_bytes(expanded_bytes: int) -> int:
     """GPU reserve for activations and temporaries: 256 MiB + 2x the largest expanded projection."""
     return WORKSPACE_MIN + 2 * int(expanded_bytes)

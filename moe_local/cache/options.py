@@ -14,10 +14,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from moe_local.cache.budget import (BudgetPlan, default_gpu_budget, default_ram_budget, kv_cache_bytes,
-                                    module_bytes, parse_size, plan_budget)
+from moe_local.cache.adapters import CheckpointBytes
+from moe_local.cache.budget import (BudgetPlan, default_gpu_budget, default_ram_budget, module_bytes, parse_size,
+                                    plan_budget)
 from moe_local.cache.policies import POLICIES
-from moe_local.cache.prefetch import RouterLookahead
 from moe_local.cache.simulate import future_from_trace
 from moe_local.cache.tiered import MISS_MODES, TieredExperts
 from moe_local.cache.trace import TraceRecorder
@@ -62,8 +62,6 @@ def as_bytes_source(source):
     """A pack reader is already an ExpertBytesSource; a plain checkpoint is adapted."""
     if all(hasattr(source, m) for m in ("read_into", "decode", "max_expert_nbytes", "expert_nbytes")):
         return source
-    from moe_local.cache.adapters import CheckpointBytes
-
     return CheckpointBytes(source)
 
 
@@ -87,7 +85,7 @@ def build_tiered(options: CacheOptions, source, model, device: torch.device, dty
         num_keys=len(src.moe_layers) * src.num_experts,
         top_k=top_k,
         resident_bytes=module_bytes(model),
-        kv_bytes=kv_cache_bytes(model, options.context, dtype) if cuda else 0,
+        kv_bytes=model.kv_cache_bytes(options.context, dtype) if cuda else 0,
         expanded_bytes=inter * args.hidden_size * elem,
         gpu_budget=gpu_budget,
         ram_budget=ram_budget,
@@ -96,8 +94,8 @@ def build_tiered(options: CacheOptions, source, model, device: torch.device, dty
     future = options.future
     if future is None and options.belady_trace is not None:
         future = future_from_trace(options.belady_trace)
-    predictor = RouterLookahead(model, options.prefetch_depth, options.prefetch_extra) \
-        if options.prefetch_depth > 0 else None
+    # the model's own router look-ahead (experts.ExpertPredictor); the cache never looks inside the model
+    predictor = model.lookahead(options.prefetch_depth, options.prefetch_extra) if options.prefetch_depth > 0 else None
     trace = None
     if options.trace is not None:
         trace = TraceRecorder(options.trace, args.model_type, src.num_experts, top_k, src.moe_layers,

@@ -7,10 +7,10 @@ Data flow of one MoE layer call (`forward(layer, x, ids, weights)`):
 2. resident experts are pinned (never evicted while the layer runs); every missing one gets a slot
    (the policy names a non-pinned victim) and its transfer is issued at once: disk -> RAM on the
    I/O thread pool, RAM -> GPU on a dedicated CUDA copy stream, ordered by CUDA events;
-3. the router lookahead predicts the next layers' experts and prefetches them into whatever slots
-   are free or evictable *without* touching anything this layer needs (the first MoE layer is
-   predicted earlier, from hooks on the dense layers before it and on its attention input: see
-   `before_block`);
+3. the model's router look-ahead (`experts.ExpertPredictor`) predicts the next layers' experts and
+   they are prefetched into whatever slots are free or evictable *without* touching anything this
+   layer needs (the first MoE layer is predicted earlier: the model hands over the hidden state of
+   the dense layers before it and of its attention input, see `before_block`);
 4. `combine_experts` visits the experts in ascending id order and waits for each one only when its
    turn comes, so compute on the ready experts overlaps the transfers of the others, and the
    arithmetic is the same as `ResidentExperts`' whatever is cached.
@@ -41,12 +41,11 @@ import torch
 
 from moe_local.cache.budget import BudgetPlan, round_slot
 from moe_local.cache.policies import make_policy
-from moe_local.cache.prefetch import RouterLookahead
 from moe_local.cache.stats import CacheStats, TierCounters
 from moe_local.cache.tiers import Tier, allocate_slab
 from moe_local.cache.trace import TraceRecorder
 from moe_local.errors import MoeLocalError
-from moe_local.experts import ACTIVATIONS, ExpertWeights, combine_experts
+from moe_local.experts import ACTIVATIONS, ExpertPredictor, ExpertWeights, combine_experts
 
 Key = Hashable
 MISS_MODES = ("transfer", "cpu", "auto")
@@ -134,7 +133,7 @@ class TieredExperts:
         policy: str = "lru",
         future: Sequence[Key] | None = None,
         future_label: str | None = None,
-        predictor: RouterLookahead | None = None,
+        predictor: ExpertPredictor | None = None,
         miss: str = "transfer",
         io_threads: int = 4,
         trace: TraceRecorder | None = None,
@@ -193,10 +192,9 @@ class TieredExperts:
             self._calibrate()
         # earlier points of the token (dense MLPs, the first MoE layer's attention) predict the first
         # MoE layer, which has no MoE layer before it; the earliest of them starts a forward pass
-        attach = getattr(predictor, "attach", None)
-        self._hooks = attach(self.before_block) if attach is not None else []
-        points = [_position(l, site) for l, site in predictor.sources()] if self._hooks else []
-        self.pass_start = min(points + [_position(self.first_layer, "mlp")])
+        sources = predictor.sources() if predictor is not None else []
+        self._stop_listening = predictor.listen(self.before_block) if sources else None
+        self.pass_start = min([_position(l, site) for l, site in sources] + [_position(self.first_layer, "mlp")])
 
     # ------------------------------------------------------------------ public
     def forward(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -243,7 +241,7 @@ class TieredExperts:
     def before_block(self, layer: int, x: torch.Tensor, site: str) -> None:
         """A dense layer's MLP (site "mlp") or the first MoE layer's attention ("attn") is about to
         run on x, its normed input: prefetch the experts the next MoE layers' routers pick for x, so
-        the first MoE layer is not a guaranteed cold miss. Called by the predictor's model hooks."""
+        the first MoE layer is not a guaranteed cold miss. Called by the model (ExpertPredictor.listen)."""
         if _position(layer, site) == self.pass_start:
             self._new_pass(x.shape[0])
         self._reap()
@@ -284,9 +282,9 @@ class TieredExperts:
             self._finish_load(tier, key, wait=True, swallow=True)
 
     def close(self) -> None:
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks = []
+        if self._stop_listening is not None:
+            self._stop_listening()
+            self._stop_listening = None
         self.drain()
         self.pool.shutdown(wait=True)
         if self.trace is not None:

@@ -10,8 +10,8 @@ notes/cache-contract.md) is one header line followed by one line per token in ex
 
 `predicted["d"][i]` holds the ids predicted for `moe_layers[i]` d MoE layers earlier (null where no
 prediction was made); for i < d the prediction was made before the first MoE layer ran (from a dense
-layer's MLP input or the first MoE layer's attention input, see prefetch.py). An optional integer "pass" per token names the model call that ran
-it (the tokens of one prefill call share it). Extra header keys are kept (in `Trace.extra`).
+layer's MLP input or the first MoE layer's attention input, see models/lookahead.py). An optional
+integer "pass" per token names the model call that ran it (the tokens of one prefill call share it). Extra header keys are kept (in `Trace.extra`).
 
 `TraceWriter` writes to a temporary name and renames on close, so a crashed run never leaves a
 truncated trace under the requested name. `TraceRecorder` feeds it from the tiered cache, which sees

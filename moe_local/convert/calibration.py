@@ -19,8 +19,9 @@ from typing import Callable
 
 import torch
 
-from moe_local.runtime.evaluate import DEFAULT_WINDOW, load_token_ids, windows
 from moe_local.experts import ACTIVATIONS, ExpertSource, combine_experts, project
+from moe_local.runtime.evaluate import DEFAULT_WINDOW, load_token_ids, windows
+from moe_local.runtime.loader import load_model
 
 
 @dataclass
@@ -78,8 +79,6 @@ class RecordingProvider:
 def calibrate(src: str | Path, tokens_path: str | Path, max_tokens: int = 4096, window: int = DEFAULT_WINDOW,
               device: str | None = "cpu", progress: Callable[[int], None] | None = None) -> Calibration:
     """Run the unquantized model at `src` over the first `max_tokens` ids of `tokens_path`."""
-    from moe_local.runtime.loader import load_model
-
     stats = Calibration(source=str(tokens_path))
 
     def factory(source, model, dev, dt):

@@ -36,11 +36,13 @@ from moe_local.runtime.inspect import human_bytes, layer_ranges, pack_size_text
 from moe_local.loading.checkpoint import Checkpoint
 from moe_local.loading.hf_experts import CheckpointExperts
 from moe_local.loading.hub import resolve_model_dir
-from moe_local.models import build_model
+from moe_local.models import build_model, checkpoint_experts, weight_refs
 from moe_local.models.base import CausalLM
 from moe_local.formats.pack import (ALIGN, COPIED_FILES, DENSE_FILE, EXPERT_FILE, FORMAT, MANIFEST, PROJECTIONS,
-                                  VERSION, ExpertLayout, Pack, SafetensorsPlan, SafetensorsWriter, crc32, is_pack, pack_size,
-                                  numel, plan_expert_layout, tensor_bytes)
+                                    VERSION, Pack, PackedExpertLayout, SafetensorsPlan, SafetensorsWriter, crc32,
+                                    dense_part_name, expert_tensor_name, is_pack, numel, pack_size, plan_expert_layout,
+                                    tensor_bytes)
+from moe_local.convert.calibration import calibrate
 from moe_local.convert.recipes import Recipe, SchemeSpec, scheme_spec
 
 SHARD_BYTES = 4 << 30  # experts per file up to this size (one expert never spans two files)
@@ -70,7 +72,7 @@ class Plan:
     moe_layers: list[int]
     num_experts: int
     specs: dict[tuple[int, str], SchemeSpec]
-    layouts: dict[str, ExpertLayout]  # key -> layout (layers with identical layouts share one)
+    layouts: dict[str, PackedExpertLayout]  # key -> layout (layers with identical layouts share one)
     layout_of: dict[int, str]  # layer -> key
     expert_files: list[SafetensorsPlan]
     placement: dict[tuple[int, int], tuple[int, int]]  # (layer, e) -> (file index, offset in data section)
@@ -117,14 +119,13 @@ def make_plan(src: Path, recipe: Recipe, shard_bytes: int = SHARD_BYTES) -> Plan
     moe_layers = list(a.moe_layers)
     if not moe_layers or not a.num_experts:
         raise CheckpointError("has no routed experts (nothing to pack)", src / "config.json")
-    experts = CheckpointExperts(ckpt, model.expert_layout(), moe_layers, a.num_experts, a.hidden_size,
-                                a.moe_intermediate_size)
+    experts = checkpoint_experts(model, ckpt)
     H, I = a.hidden_size, a.moe_intermediate_size
     shapes = {"gate": (I, H), "up": (I, H), "down": (H, I)}
 
     schemes: dict[SchemeSpec, Any] = {}
     specs: dict[tuple[int, str], SchemeSpec] = {}
-    layouts: dict[str, ExpertLayout] = {}
+    layouts: dict[str, PackedExpertLayout] = {}
     layout_of: dict[int, str] = {}
     by_json: dict[str, str] = {}
     for layer in moe_layers:
@@ -160,7 +161,7 @@ def make_plan(src: Path, recipe: Recipe, shard_bytes: int = SHARD_BYTES) -> Plan
             start = cur.cursor
             for proj in PROJECTIONS:
                 for t in layout.projections[proj].tensors:
-                    off = cur.add(f"model.layers.{layer}.experts.{e}.{proj}.{t.name}", t.dtype, t.shape)
+                    off = cur.add(expert_tensor_name(layer, e, proj, t.name), t.dtype, t.shape)
                     assert off == start + t.offset, "layout and file plan disagree"
             placement[(layer, e)] = (len(files) - 1, start)
 
@@ -169,20 +170,12 @@ def make_plan(src: Path, recipe: Recipe, shard_bytes: int = SHARD_BYTES) -> Plan
         total = sum(_source_nbytes(ckpt, n) for n in experts.tensor_names(layer, 0))
         expert_src += total if experts.is_fused(layer) else total * a.num_experts
 
-    # non-expert weights: exactly what the model's load_weights asks for, nothing else (no MTP layers)
+    # non-expert weights: exactly what load_weights reads (the same walk), nothing else (no MTP layers)
     dense: list[DenseItem] = []
     dense_plan = SafetensorsPlan()
     int8 = scheme_spec("int8").build() if recipe.dense == "int8" else None
-    for pname, param in model.named_parameters():
-        name = model.sanitize(pname)
-        if name not in ckpt:
-            if pname == "lm_head.weight" and a.tie_word_embeddings:
-                continue
-            raise CheckpointError(f"tensor {name!r} (needed by {model.family}) is missing", src)
-        shape = tuple(ckpt.shape(name))
-        if shape != tuple(param.shape):
-            raise CheckpointError(f"tensor {name!r} has shape {list(shape)}, config.json implies {list(param.shape)}",
-                                  ckpt.file_of(name))
+    for ref in weight_refs(model, ckpt):
+        name, shape = ref.name, ref.shape
         item = DenseItem(name, shape, _source_nbytes(ckpt, name))
         st = _st_dtype(ckpt, name)
         if len(shape) != 2:
@@ -193,7 +186,7 @@ def make_plan(src: Path, recipe: Recipe, shard_bytes: int = SHARD_BYTES) -> Plan
             item.out_dtype = torch.bfloat16
         if item.scheme is not None:
             for part, (pshape, pdtype) in int8.tensor_specs(shape).items():
-                dense_plan.add(f"{name}:{part}", pdtype, tuple(pshape))
+                dense_plan.add(dense_part_name(name, part), pdtype, tuple(pshape))
         else:
             dense_plan.add(name, item.out_dtype, shape)
         dense.append(item)
@@ -343,7 +336,7 @@ def _write_dense(plan: Plan, tmp: Path, progress: Progress, task, mem: AnonPeak)
             else:
                 packed = _quantize(item.scheme, t, None, item.name)
                 for part, p in packed.items():
-                    writer.write_at(offsets[f"{item.name}:{part}"], tensor_bytes(p))
+                    writer.write_at(offsets[dense_part_name(item.name, part)], tensor_bytes(p))
             mem.sample()
             progress.update(task, advance=item.source_bytes, done=progress.tasks[task].fields["done"] + 1)
     finally:
@@ -484,8 +477,6 @@ def quantize(
     try:
         with _progress(console) as progress:
             if calibration_path is not None:
-                from moe_local.convert.calibration import calibrate
-
                 ctask = progress.add_task("calibrating", total=None, done=0, of="?", unit="tokens")
                 calibration = calibrate(src, calibration_path, calibration_tokens,
                                         progress=lambda n: progress.update(ctask, advance=n))
@@ -541,7 +532,7 @@ def _manifest(plan: Plan, ref: str, src: Path, ranges: list[dict], calibration, 
     dense_quantized = {
         d.name: {
             "scheme": d.scheme.name, "params": d.scheme.params, "shape": list(d.shape),
-            "parts": {part: f"{d.name}:{part}" for part in d.scheme.tensor_specs(d.shape)},
+            "parts": {part: dense_part_name(d.name, part) for part in d.scheme.tensor_specs(d.shape)},
         }
         for d in plan.dense if d.scheme is not None
     }

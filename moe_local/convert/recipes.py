@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from moe_local.errors import MoeLocalError
+from moe_local.formats.schemes import get_scheme
 
 PROJ_ALIASES = {
     "gate": "gate", "gate_proj": "gate", "w1": "gate",
@@ -43,8 +44,6 @@ class SchemeSpec:
         return json.loads(self.params_json)
 
     def build(self):
-        from moe_local.formats.schemes import get_scheme
-
         return get_scheme(self.name, **self.params)
 
     def label(self) -> str:
@@ -54,8 +53,6 @@ class SchemeSpec:
 
 def scheme_spec(name: str, group_size: int | None = None) -> SchemeSpec:
     """`int4` or `int4:128` -> SchemeSpec, checking the name (and group size) against the registry."""
-    from moe_local.formats.schemes import get_scheme
-
     base, _, group = name.partition(":")
     base = base.strip()
     params: dict[str, Any] = {}

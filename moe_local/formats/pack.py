@@ -35,6 +35,7 @@ from safetensors import safe_open
 
 from moe_local.errors import CheckpointError
 from moe_local.experts import ExpertWeights
+from moe_local.formats.schemes import PackedWeight, get_scheme
 from moe_local.loading.checkpoint import check_shape, read_json
 
 FORMAT = "moe-local-pack"
@@ -81,6 +82,16 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def expert_tensor_name(layer: int, expert: int, proj: str, part: str) -> str:
+    """The name a packed expert tensor carries in an expert file (docs/pack-format.md)."""
+    return f"model.layers.{layer}.experts.{expert}.{proj}.{part}"
+
+
+def dense_part_name(name: str, part: str) -> str:
+    """The stored name of one part (codes, scales) of a quantized non-expert tensor."""
+    return f"{name}:{part}"
+
+
 def align_up(n: int, a: int) -> int:
     return (n + a - 1) // a * a
 
@@ -119,7 +130,7 @@ class ProjLayout:
 
 
 @dataclass(frozen=True)
-class ExpertLayout:
+class PackedExpertLayout:
     """Where gate/up/down's packed tensors sit in an expert's byte range (same for all experts of a layer)."""
 
     projections: dict[str, ProjLayout]
@@ -149,7 +160,7 @@ class ExpertLayout:
         }
 
     @classmethod
-    def from_json(cls, data: dict, where: Path) -> "ExpertLayout":
+    def from_json(cls, data: dict, where: Path) -> "PackedExpertLayout":
         try:
             projections = {}
             for proj, p in data["projections"].items():
@@ -171,7 +182,7 @@ class ExpertLayout:
         return layout
 
 
-def plan_expert_layout(schemes: dict[str, Any], shapes: dict[str, tuple[int, int]]) -> ExpertLayout:
+def plan_expert_layout(schemes: dict[str, Any], shapes: dict[str, tuple[int, int]]) -> PackedExpertLayout:
     """Lay out gate, up, down back to back, each packed tensor 16-byte aligned (so `.view(dtype)` works)."""
     cursor = 0
     projections: dict[str, ProjLayout] = {}
@@ -184,7 +195,7 @@ def plan_expert_layout(schemes: dict[str, Any], shapes: dict[str, tuple[int, int
             slots.append(slot)
             cursor += slot.nbytes
         projections[proj] = ProjLayout(scheme.name, dict(scheme.params), shape, tuple(slots))
-    return ExpertLayout(projections, cursor)
+    return PackedExpertLayout(projections, cursor)
 
 
 # --------------------------------------------------------------------------- writing safetensors
@@ -399,7 +410,7 @@ class Pack:
         if ex.get("checksum", "crc32") != "crc32":
             raise CheckpointError(f"unknown checksum {ex.get('checksum')!r}", self.manifest_path)
         self.files = [self.root / f for f in ex["files"]]
-        self.layouts = {k: ExpertLayout.from_json(v, self.manifest_path) for k, v in ex["layouts"].items()}
+        self.layouts = {k: PackedExpertLayout.from_json(v, self.manifest_path) for k, v in ex["layouts"].items()}
         self._fds: list[int] = []
         self._maps: list[mmap.mmap | None] = []
         self._bufs: list[torch.Tensor | None] = []
@@ -534,15 +545,11 @@ class Pack:
         key = name + json.dumps(params, sort_keys=True)
         scheme = self._schemes.get(key)
         if scheme is None:
-            from moe_local.formats.schemes import get_scheme
-
             scheme = self._schemes[key] = get_scheme(name, **params)
         return scheme
 
     def decode(self, buf: torch.Tensor, layer: int, expert: int) -> ExpertWeights:
         """Compute-ready packed weights that view `buf` (uint8, any device) in place: no copy."""
-        from moe_local.formats.schemes import PackedWeight
-
         r = self.expert_range(layer, expert)
         layout = self.layouts[r.layout]
         if buf.dtype != torch.uint8 or buf.dim() != 1 or buf.numel() < r.length:

@@ -3,8 +3,13 @@
 `Checkpoint` maps tensor names to shard files (from `model.safetensors.index.json`, or by listing a
 single `model.safetensors`), opens each shard once with `safetensors.safe_open` (an mmap, so nothing
 is read until a tensor is asked for) and hands out one tensor at a time. Shapes can be read without
-touching tensor data. DeepSeek-V3 FP8 weights (e4m3 with 128x128 block scales in
-`<name>_scale_inv`) are dequantized on the way out, so model code only ever sees real numbers.
+touching tensor data.
+
+FP8 checkpoints (DeepSeek-V3, and the other hub releases in the same format) store a weight as e4m3
+codes plus one inverse scale per 128x128 block in the companion tensor `<name>_scale_inv`. That is
+how the file stores the tensor, not a tensor of its own: the companion is not listed by `names()`
+and the weight is dequantized on the way out, so model code and the family's `CheckpointMap` only
+ever see real numbers under the weight's own name.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from moe_local.loading.hub import resolve_model_dir
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 FP8_BLOCK = 128
+FP8_SCALE_SUFFIX = "_scale_inv"
 
 
 def read_json(path: Path) -> dict:
@@ -54,6 +60,11 @@ class Checkpoint:
         self.config: dict = read_json(config_path)
         self._handles: dict[Path, object] = {}
         self._file_of: dict[str, Path] = self._map_tensors()
+        # tensor -> its FP8 block-scale companion; companions are part of their tensor, not names
+        self._scales: dict[str, str] = {n[: -len(FP8_SCALE_SUFFIX)]: n for n in self._file_of
+                                        if n.endswith(FP8_SCALE_SUFFIX) and n[: -len(FP8_SCALE_SUFFIX)] in self._file_of}
+        self._names = sorted(set(self._file_of) - set(self._scales.values()))
+        self._name_set = set(self._names)
 
     # ----------------------------------------------------------------- layout
     def _map_tensors(self) -> dict[str, Path]:
@@ -88,16 +99,20 @@ class Checkpoint:
 
     # ----------------------------------------------------------------- queries
     def names(self) -> list[str]:
-        return sorted(self._file_of)
+        """Every tensor of the checkpoint (FP8 scale companions are part of their tensor)."""
+        return list(self._names)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._file_of
+        return name in self._name_set
+
+    def files(self) -> list[Path]:
+        """The shard files, each once."""
+        return sorted(set(self._file_of.values()))
 
     def file_of(self, name: str) -> Path:
-        try:
-            return self._file_of[name]
-        except KeyError:
-            raise CheckpointError(f"tensor {name!r} not found in the checkpoint", self.root) from None
+        if name not in self._name_set:
+            raise CheckpointError(f"tensor {name!r} not found in the checkpoint", self.root)
+        return self._file_of[name]
 
     def shape(self, name: str) -> tuple[int, ...]:
         """Shape without reading the data."""
@@ -120,18 +135,22 @@ class Checkpoint:
         With `shape`, a mismatch is a CheckpointError naming the shard and the tensor.
         """
         path = self.file_of(name)
+        tensor = self._read(name)
+        scale_name = self._scales.get(name)
+        if scale_name is not None and tensor.dtype == getattr(torch, "float8_e4m3fn", None):
+            tensor = dequantize_fp8_blocks(tensor, self._read(scale_name))
+        if shape is not None:
+            check_shape(name, tuple(tensor.shape), shape, path)
+        return tensor
+
+    def _read(self, name: str) -> torch.Tensor:
+        path = self._file_of[name]
         try:
-            tensor = self._open(path).get_tensor(name)
+            return self._open(path).get_tensor(name)
         except CheckpointError:
             raise
         except Exception as exc:
             raise CheckpointError(f"cannot read tensor {name!r} ({exc})", path) from None
-        scale_name = name + "_scale_inv"
-        if tensor.dtype == getattr(torch, "float8_e4m3fn", None) and scale_name in self:
-            tensor = dequantize_fp8_blocks(tensor, self.get(scale_name))
-        if shape is not None:
-            check_shape(name, tuple(tensor.shape), shape, path)
-        return tensor
 
     def get_expert_slice(self, name: str, index: int) -> torch.Tensor:
         """Row `index` of a fused 3-D expert tensor, read without loading the other experts."""

@@ -1,4 +1,4 @@
-"""Routed experts read straight from a Hugging Face checkpoint.
+"""Routed experts read straight from a Hugging Face checkpoint, named by the family's `CheckpointMap`.
 
 Two layouts exist on the hub and both are accepted:
 - per-expert tensors: `<prefix>.{e}.gate_proj.weight` (Mixtral: `w1`/`w3`/`w2` for gate/up/down);
@@ -9,19 +9,11 @@ A fused tensor is sliced through the memory map, so loading one expert never rea
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 from moe_local.experts import ExpertWeights
 from moe_local.loading.checkpoint import Checkpoint, check_shape
-
-
-@dataclass(frozen=True)
-class ExpertLayout:
-    """How a family names its routed experts in a checkpoint."""
-
-    prefix: Callable[[int], str]  # layer -> e.g. "model.layers.3.mlp.experts"
-    names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+from moe_local.loading.checkpoint_map import CheckpointMap
 
 
 class CheckpointExperts:
@@ -30,39 +22,37 @@ class CheckpointExperts:
     def __init__(
         self,
         ckpt: Checkpoint,
-        layout: ExpertLayout,
+        names: CheckpointMap,
         moe_layers: Sequence[int],
         num_experts: int,
         hidden_size: int,
         intermediate_size: int,
     ) -> None:
         self.ckpt = ckpt
-        self.layout = layout
+        self.names = names
         self.moe_layers = list(moe_layers)
         self.num_experts = num_experts
         self.hidden = hidden_size
         self.inter = intermediate_size
 
     def is_fused(self, layer: int) -> bool:
-        return f"{self.layout.prefix(layer)}.gate_up_proj" in self.ckpt
+        return self.names.fused_names(layer)[0] in self.ckpt
 
     def tensor_names(self, layer: int, expert: int) -> list[str]:
         """The checkpoint tensors this expert's bytes come from (for sizing and hashing)."""
-        prefix = self.layout.prefix(layer)
         if self.is_fused(layer):
-            return [f"{prefix}.gate_up_proj", f"{prefix}.down_proj"]
-        return [f"{prefix}.{expert}.{n}.weight" for n in self.layout.names]
+            return list(self.names.fused_names(layer))
+        return list(self.names.expert_names(layer, expert))
 
     def load(self, layer: int, expert: int) -> ExpertWeights:
-        prefix = self.layout.prefix(layer)
         H, I, E = self.hidden, self.inter, self.num_experts
         if self.is_fused(layer):
-            gu_name, down_name = f"{prefix}.gate_up_proj", f"{prefix}.down_proj"
+            gu_name, down_name = self.names.fused_names(layer)
             for name, shape in ((gu_name, (E, 2 * I, H)), (down_name, (E, H, I))):
                 check_shape(name, self.ckpt.shape(name), shape, self.ckpt.file_of(name))
             gate_up = self.ckpt.get_expert_slice(gu_name, expert)
             return ExpertWeights(gate_up[:I], gate_up[I:], self.ckpt.get_expert_slice(down_name, expert))
-        g, u, d = (f"{prefix}.{expert}.{n}.weight" for n in self.layout.names)
+        g, u, d = self.names.expert_names(layer, expert)
         return ExpertWeights(
             self.ckpt.get(g, shape=(I, H)), self.ckpt.get(u, shape=(I, H)), self.ckpt.get(d, shape=(H, I))
         )

@@ -1,7 +1,7 @@
 """Model families: one short file each, arranged from the blocks in `layers.py` and `base.py`.
 
 `build_model(config)` picks the family by `model_type` and builds it on the meta device (no memory);
-`load_weights` then fills it from a checkpoint, name for name.
+`load_weights` then fills it from a checkpoint, name for name, through the walk in `weights.py`.
 """
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ import importlib
 
 import torch
 
-from moe_local.errors import CheckpointError, ConfigError
+from moe_local.errors import ConfigError
 from moe_local.models.base import CausalLM, ModelArgs
+from moe_local.models.weights import checkpoint_experts, weight_refs
 
 # model_type -> "module:Class"; imported on demand so one family's import cost is not everyone's.
 FAMILIES: dict[str, str] = {
@@ -49,16 +50,9 @@ def load_weights(model: CausalLM, ckpt, device: torch.device | str, dtype: torch
     Routed experts are skipped: they belong to an ExpertProvider, never to the model.
     """
     state: dict[str, torch.Tensor] = {}
-    keep_fp32 = getattr(model, "keep_fp32", ())  # e.g. DeepSeek-V3's routing bias: selection-critical
-    for name, param in model.named_parameters():
-        src = model.sanitize(name)
-        if src not in ckpt:
-            if name == "lm_head.weight" and model.args.tie_word_embeddings:
-                continue
-            raise CheckpointError(f"tensor {src!r} (needed by {model.family}) is missing", ckpt.root)
-        tensor = ckpt.get(src, shape=tuple(param.shape))
-        want = torch.float32 if name.rsplit(".", 1)[-1] in keep_fp32 else dtype
-        state[name] = tensor.to(device=device, dtype=want)
+    for ref in weight_refs(model, ckpt):
+        tensor = ckpt.get(ref.name, shape=ref.shape)
+        state[ref.param] = tensor.to(device=device, dtype=torch.float32 if ref.fp32 else dtype)
         if progress is not None:
             progress(1)
     if "lm_head.weight" not in state:
@@ -68,4 +62,5 @@ def load_weights(model: CausalLM, ckpt, device: torch.device | str, dtype: torch
         model.lm_head.weight = model.model.embed_tokens.weight
 
 
-__all__ = ["FAMILIES", "CausalLM", "ModelArgs", "build_model", "family_class", "load_weights"]
+__all__ = ["FAMILIES", "CausalLM", "ModelArgs", "build_model", "checkpoint_experts", "family_class", "load_weights",
+           "weight_refs"]

@@ -1,22 +1,46 @@
 """The decoder-only transformer every family arranges: embeddings, N decoder layers, norm, LM head.
 
-A family (one short file each) subclasses `ModelArgs` to read its config.json keys and subclasses
-`CausalLM` to say which attention and which MLP each layer gets and how its experts are named.
-Parameter names equal checkpoint tensor names (`model.layers.3.self_attn.q_proj.weight`), with a
-family's `sanitize()` to bridge any difference, so loading is a name-for-name copy.
+A family is one short file that says three things:
+
+1. `Args` -- a `ModelArgs` subclass reading its config.json keys (`aliases` for keys that other
+   families spell differently, `is_moe_layer` for which layers route);
+2. `make_layer(i)` -- the attention and the MLP (dense `MLP`, or `SparseMoE` with a `Router`) of
+   layer i, from the blocks in `layers.py`;
+3. `checkpoint_map` -- a `CheckpointMap` (moe_local/loading/checkpoint_map.py) stating how the
+   checkpoint names its tensors. Parameter names equal checkpoint names
+   (`model.layers.3.self_attn.q_proj.weight`), so a map only states what differs from the defaults:
+
+       checkpoint_map = CheckpointMap(
+           experts="model.layers.{layer}.block_sparse_moe.experts",  # where layer L's routed experts are
+           projections=("w1", "w3", "w2"),                          # per-expert names of gate, up, down
+           keep_fp32=("e_score_correction_bias",),                  # loaded in float32 whatever the dtype
+           ignore_extra_layers=True,                                # layers past num_hidden_layers (MTP)
+       )
+
+   Loading (`models.load_weights`), quantizing (`convert.quantize`) and `inspect` all walk the model
+   through `models.weights`, which reads only this map: there is no other place that knows names.
+   Routed experts are never module parameters; `renames` bridges module names that differ from the
+   checkpoint's, `ignored` lists checkpoint tensors deliberately never read. `tests/test_families.py`
+   checks that a family's map accounts for every tensor of its checkpoints.
+
+Everything else (KV cache, rope tables, the router look-ahead the expert cache prefetches with) the
+family inherits from `CausalLM`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 from torch import nn
 
 from moe_local.errors import ConfigError
-from moe_local.loading.hf_experts import ExpertLayout
+from moe_local.loading.checkpoint_map import CheckpointMap
 from moe_local.models.layers import ExpertsHandle, RMSNorm, Rope, RopeConfig
+from moe_local.models.lookahead import RouterLookahead
+
+Tap = Callable[[str, torch.Tensor], None]  # (site, normed hidden state) inside one decoder layer
 
 
 @dataclass
@@ -99,9 +123,16 @@ class DecoderLayer(nn.Module):
     def ffn(self) -> nn.Module:
         return getattr(self, self.mlp_name)
 
-    def forward(self, x: torch.Tensor, start: int, rope) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), start, rope)
-        return x + self.ffn(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, start: int, rope, tap: Tap | None = None) -> torch.Tensor:
+        """tap(site, h): called with the normed input of the attention ("attn") and of the MLP ("mlp")."""
+        h = self.input_layernorm(x)
+        if tap is not None:
+            tap("attn", h)
+        x = x + self.self_attn(h, start, rope)
+        h = self.post_attention_layernorm(x)
+        if tap is not None:
+            tap("mlp", h)
+        return x + self.ffn(h)
 
 
 class Backbone(nn.Module):
@@ -113,10 +144,11 @@ class Backbone(nn.Module):
 
 
 class CausalLM(nn.Module):
-    """A family's model. Subclasses implement `make_layer` and `expert_layout`."""
+    """A family's model. Subclasses set `family`, `Args` and `checkpoint_map` and implement `make_layer`."""
 
     family: ClassVar[str] = ""
     Args: ClassVar[type[ModelArgs]] = ModelArgs
+    checkpoint_map: ClassVar[CheckpointMap] = CheckpointMap()
 
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
@@ -126,24 +158,15 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self.rope: Rope | None = None
         self.max_len = 0
+        self._listeners: list[tuple[frozenset[tuple[int, str]], Callable[[int, torch.Tensor, str], None]]] = []
+        self._taps: dict[int, Tap] = {}
 
     # ------------------------------------------------------------ family hooks
     def make_layer(self, i: int) -> DecoderLayer:
         raise NotImplementedError
 
-    def expert_layout(self) -> ExpertLayout:
-        raise NotImplementedError
-
     def make_rope(self, max_len: int, device, dtype) -> Rope:
         return Rope(self.args.rope_config(), max(max_len, 1), device, dtype)
-
-    def sanitize(self, name: str) -> str:
-        """Checkpoint tensor name for a parameter name (identity unless a family renames)."""
-        return name
-
-    def skip_checkpoint_tensor(self, name: str) -> bool:
-        """Checkpoint tensors we deliberately ignore (routed experts, rotary buffers, MTP layers)."""
-        return ".experts." in name or "rotary_emb" in name
 
     # ------------------------------------------------------------ running
     def setup_cache(self, max_len: int) -> None:
@@ -154,8 +177,20 @@ class CausalLM(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.setup_cache(max_len, device, dtype)
 
-    def kv_cache_bytes(self) -> int:
-        return sum(layer.self_attn.cache.nbytes() for layer in self.model.layers if layer.self_attn.cache)
+    def kv_cache_bytes(self, context: int | None = None, dtype: torch.dtype | None = None) -> int:
+        """Bytes of the KV cache allocated now; with `context`, of one for that many tokens in `dtype`
+        (sized on the meta device: nothing is allocated and the current cache is kept)."""
+        if context is None:
+            return sum(layer.self_attn.cache.nbytes() for layer in self.model.layers if layer.self_attn.cache)
+        total = 0
+        for layer in self.model.layers:
+            attn, old = layer.self_attn, layer.self_attn.cache
+            try:
+                attn.setup_cache(context, torch.device("meta"), dtype or self.lm_head.weight.dtype)
+                total += attn.cache.nbytes()
+            finally:
+                attn.cache = old
+        return total
 
     def routers(self) -> dict[int, nn.Module]:
         """Layer index -> router module, for predicting later layers' experts."""
@@ -166,6 +201,41 @@ class CausalLM(nn.Module):
                 out[i] = gate
         return out
 
+    # ------------------------------------------------------------ router look-ahead
+    def lookahead(self, depth: int, extra: int = 0) -> RouterLookahead:
+        """The experts.ExpertPredictor of this model: the routers of the next `depth` MoE layers
+        applied to the current hidden state (+ `extra` spare ids), for the expert cache to prefetch."""
+        return RouterLookahead(self, depth, extra)
+
+    def listen(self, points: Sequence[tuple[int, str]],
+               callback: Callable[[int, torch.Tensor, str], None]) -> Callable[[], None]:
+        """Call `callback(layer, h, site)` during forward at every (layer, site) of `points`, h being
+        the normed input of that layer's attention (site "attn") or MLP ("mlp"). Returns the
+        function that stops it."""
+        entry = (frozenset(points), callback)
+        self._listeners.append(entry)
+        self._rebuild_taps()
+
+        def stop() -> None:
+            if entry in self._listeners:
+                self._listeners.remove(entry)
+                self._rebuild_taps()
+
+        return stop
+
+    def _rebuild_taps(self) -> None:
+        self._taps = {}
+        for layer in sorted({l for points, _ in self._listeners for l, _ in points}):
+            calls = [(frozenset(s for l, s in points if l == layer), cb) for points, cb in self._listeners]
+
+            def tap(site: str, h: torch.Tensor, layer: int = layer, calls=calls) -> None:
+                for sites, cb in calls:
+                    if site in sites:
+                        cb(layer, h, site)
+
+            self._taps[layer] = tap
+
+    # ------------------------------------------------------------ running
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start: int = 0, last_only: bool = False,
                 on_layer: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
@@ -179,7 +249,7 @@ class CausalLM(nn.Module):
         for i, layer in enumerate(self.model.layers):
             if on_layer is not None:
                 on_layer(i, x)
-            x = layer(x, start, rope)
+            x = layer(x, start, rope, self._taps.get(i))
         if last_only:
             x = x[-1:]
         return self.lm_head(self.model.norm(x)).float()

@@ -8,12 +8,12 @@
 - V2 routes with softmax (`greedy` / `group_limited_greedy`); V3 with `noaux_tc` (sigmoid, group-limited,
   with a selection-only `e_score_correction_bias`). Both scale by routed_scaling_factor.
 - V3 checkpoints carry `num_nextn_predict_layers` multi-token-prediction layers after the last real
-  one (`model.layers.{num_hidden_layers}.*`); we never build them, so loading never asks for them.
+  one (`model.layers.{num_hidden_layers}.*`); we never build them, so loading never asks for them
+  (the checkpoint map declares them ignored).
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from moe_local.errors import ConfigError
-from moe_local.loading.hf_experts import ExpertLayout
+from moe_local.loading.checkpoint_map import CheckpointMap
 from moe_local.models.base import CausalLM, DecoderLayer, ModelArgs
 from moe_local.models.layers import MLP, Rope, RopeConfig, Router, SparseMoE
 from moe_local.models.mla import MLAOptions, MLAttention
@@ -93,7 +93,7 @@ class DeepseekV3Args(DeepseekV2Args):
 class BiasedRouter(Router):
     """A Router with DeepSeek-V3's `e_score_correction_bias` (checkpoint name `mlp.gate.e_score_correction_bias`).
 
-    The bias is kept in float32 whatever the model dtype (see `keep_fp32`): it only shifts which
+    The bias is kept in float32 whatever the model dtype (the map's `keep_fp32`): it only shifts which
     experts win, and bf16 rounding of it would change selections relative to the reference.
     """
 
@@ -101,12 +101,15 @@ class BiasedRouter(Router):
         super().__init__(hidden, num_experts, rule)
         self.e_score_correction_bias = nn.Parameter(torch.zeros(num_experts), requires_grad=False)
 
+    def selection_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Sigmoid scores plus the correction bias: what noaux_tc selects by."""
+        return torch.sigmoid(super().selection_scores(x)) + self.e_score_correction_bias.float()
+
 
 class DeepseekV2(CausalLM):
     family = "deepseek_v2"
     Args = DeepseekV2Args
-    # parameters that load_weights keeps in float32 whatever the model dtype
-    keep_fp32: ClassVar[tuple[str, ...]] = ("e_score_correction_bias",)
+    checkpoint_map = CheckpointMap(keep_fp32=("e_score_correction_bias",), ignore_extra_layers=True)
 
     # ------------------------------------------------------------ family hooks
     def make_attention(self) -> MLAttention:
@@ -136,16 +139,6 @@ class DeepseekV2(CausalLM):
 
     def make_rope(self, max_len: int, device, dtype) -> Rope:
         return Rope(self.args.rope_config(), max(max_len, 1), device, torch.float32)
-
-    def expert_layout(self) -> ExpertLayout:
-        return ExpertLayout(lambda l: f"model.layers.{l}.mlp.experts")
-
-    def skip_checkpoint_tensor(self, name: str) -> bool:
-        """Also skip the multi-token-prediction layers stored after the last decoder layer."""
-        m = re.match(r"model\.layers\.(\d+)\.", name)
-        if m and int(m.group(1)) >= self.args.num_hidden_layers:
-            return True
-        return super().skip_checkpoint_tensor(name)
 
 
 class DeepseekV3(DeepseekV2):

@@ -306,6 +306,11 @@ class Router(nn.Module):
         ids, weights = self.rule(self, x)
         return ids, (weights.to(x.dtype) if self.cast_weights else weights)
 
+    def selection_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, E] float32 scores whose order is the order the rule picks experts in (the router
+        look-ahead ranks its spare predictions by them): the logits, softmax being monotonic."""
+        return F.linear(x.to(self.weight.dtype), self.weight).float()
+
 
 class ExpertsHandle:
     """Plain (non-module) holder so the provider is never registered as model parameters."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from moe_local.loading.hf_experts import ExpertLayout
+from moe_local.loading.checkpoint_map import CheckpointMap
 from moe_local.models.base import CausalLM, DecoderLayer, ModelArgs
 from moe_local.models.layers import Attention, AttentionOptions, Router, SparseMoE
 from moe_local.models.routing import softmax_topk
@@ -25,6 +25,8 @@ class MixtralArgs(ModelArgs):
 class Mixtral(CausalLM):
     family = "mixtral"
     Args = MixtralArgs
+    checkpoint_map = CheckpointMap(experts="model.layers.{layer}.block_sparse_moe.experts",
+                                   projections=("w1", "w3", "w2"))
 
     def make_layer(self, i: int) -> DecoderLayer:
         a = self.args
@@ -33,6 +35,3 @@ class Mixtral(CausalLM):
         router = Router(a.hidden_size, a.num_experts, softmax_topk(a.num_experts_per_tok, normalize=True))
         moe = SparseMoE(i, router, self.experts)
         return DecoderLayer(attn, moe, a.hidden_size, a.rms_norm_eps, mlp_name="block_sparse_moe")
-
-    def expert_layout(self) -> ExpertLayout:
-        return ExpertLayout(lambda l: f"model.layers.{l}.block_sparse_moe.experts", ("w1", "w3", "w2"))

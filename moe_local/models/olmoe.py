@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from moe_local.errors import ConfigError
-from moe_local.loading.hf_experts import ExpertLayout
 from moe_local.models.base import CausalLM, DecoderLayer, ModelArgs
 from moe_local.models.layers import Attention, AttentionOptions, Router, SparseMoE
 from moe_local.models.routing import softmax_topk
@@ -45,6 +44,3 @@ class Olmoe(CausalLM):
         router = Router(a.hidden_size, a.num_experts, softmax_topk(a.num_experts_per_tok, a.norm_topk_prob),
                         cast_weights=True)
         return DecoderLayer(attn, SparseMoE(i, router, self.experts), a.hidden_size, a.rms_norm_eps)
-
-    def expert_layout(self) -> ExpertLayout:
-        return ExpertLayout(lambda l: f"model.layers.{l}.mlp.experts")

@@ -8,7 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from moe_local.loading.hf_experts import ExpertLayout
 from moe_local.models.base import CausalLM, DecoderLayer, ModelArgs
 from moe_local.models.layers import MLP, Attention, AttentionOptions, Router, SparseMoE
 from moe_local.models.routing import softmax_topk
@@ -67,6 +66,3 @@ class Qwen2Moe(CausalLM):
         else:
             mlp = MLP(a.hidden_size, a.intermediate_size, a.hidden_act)
         return DecoderLayer(attn, mlp, a.hidden_size, a.rms_norm_eps)
-
-    def expert_layout(self) -> ExpertLayout:
-        return ExpertLayout(lambda l: f"model.layers.{l}.mlp.experts")

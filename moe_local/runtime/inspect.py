@@ -17,11 +17,13 @@ from typing import Any
 
 import torch
 
-from moe_local.cache.budget import min_budget, planned_module_bytes
+from moe_local.cache.budget import min_budget
 from moe_local.errors import CheckpointError
 from moe_local.loading.checkpoint import Checkpoint
 from moe_local.loading.hub import resolve_model_dir
 from moe_local.formats.pack import Pack, is_pack, read_st_header
+from moe_local.formats.schemes import get_scheme
+from moe_local.models.weights import checkpoint_experts, resident_bytes
 from moe_local.runtime.loader import build_model_for
 
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
@@ -90,14 +92,13 @@ def summarize(ref: str | Path, run_dtype: str = "bfloat16") -> ModelSummary:
     a = model.args
 
     headers: dict[str, dict] = {}
-    for shard in sorted({ckpt.file_of(n) for n in ckpt.names()}):
+    for shard in ckpt.files():
         headers.update(read_safetensors_header(shard))
     on_disk = sum(int(t["data_offsets"][1]) - int(t["data_offsets"][0]) for t in headers.values())
 
-    layout = model.expert_layout()
-    expert_dtypes = [headers[n]["dtype"] for n in headers if n.startswith(layout.prefix(a.moe_layers[0]) + ".")
-                     and not n.endswith("_scale_inv")] if a.moe_layers else []
-    dtype = expert_dtypes[0] if expert_dtypes else next(iter(headers.values()))["dtype"]
+    experts = checkpoint_experts(model, ckpt)
+    expert_tensors = [n for n in experts.tensor_names(a.moe_layers[0], 0) if n in headers] if a.moe_layers else []
+    dtype = headers[expert_tensors[0]]["dtype"] if expert_tensors else next(iter(headers.values()))["dtype"]
     per_expert = _expert_params(a)
     return _summary(
         model, root, ckpt.config, run_dtype,
@@ -108,8 +109,6 @@ def summarize(ref: str | Path, run_dtype: str = "bfloat16") -> ModelSummary:
 
 def _pack_groups(groups: list[dict]) -> list[dict]:
     """describe()'s groups plus the group size each one really uses (narrow rows shrink it)."""
-    from moe_local.formats.schemes import get_scheme
-
     out = []
     for g in groups:
         used = get_scheme(g["scheme"], **g["params"]).group_size_for(int(g["shape"][1]))
@@ -147,19 +146,18 @@ def _summary(model, root: Path, config: dict, run_dtype: str, expert_run_bytes: 
                 if not (a.tie_word_embeddings and n == "lm_head.weight"))
     per_expert = _expert_params(a)
     n_moe = len(a.moe_layers)
-    resident = planned_module_bytes(model, _TORCH_DTYPES[run_dtype])  # before any KV cache exists
-    model.setup_cache(1)  # meta tensors: counts elements, allocates nothing
-    kv_elems = model.kv_cache_bytes() // model.lm_head.weight.element_size()
+    resident = resident_bytes(model, _TORCH_DTYPES[run_dtype])  # before any KV cache exists
+    kv_per_token = model.kv_cache_bytes(1, _TORCH_DTYPES[run_dtype])  # sized on the meta device
     bpe = RUN_DTYPE_BYTES[run_dtype]
     ctx = int(a.max_position_embeddings)
-    kv_total = kv_elems * bpe * ctx
+    kv_total = kv_per_token * ctx
     return ModelSummary(
         path=str(root), family=model.family, layers=a.num_hidden_layers, moe_layers=n_moe,
         experts_per_layer=a.num_experts, top_k=a.num_experts_per_tok, shared_experts=_shared_experts(config),
         hidden_size=a.hidden_size, expert_intermediate_size=a.moe_intermediate_size, context_length=ctx,
         total_params=dense + n_moe * a.num_experts * per_expert,
         active_params=dense + n_moe * a.num_experts_per_tok * per_expert,
-        dense_params=dense, expert_params=per_expert, run_dtype=run_dtype, kv_bytes_per_token=kv_elems * bpe,
+        dense_params=dense, expert_params=per_expert, run_dtype=run_dtype, kv_bytes_per_token=kv_per_token,
         memory_all_resident=dense * bpe + a.num_experts * expert_run_bytes + kv_total,
         memory_min_offload=min_budget(slot_bytes=stored["bytes_per_expert"], top_k=a.num_experts_per_tok,
                                       resident_bytes=resident),

@@ -15,10 +15,10 @@ import torch
 
 from moe_local.errors import CheckpointError, ConfigError, MoeLocalError
 from moe_local.experts import ExpertProvider, ExpertSource, ResidentExperts
+from moe_local.formats.pack import Pack, is_pack
 from moe_local.loading.checkpoint import Checkpoint
-from moe_local.loading.hf_experts import CheckpointExperts
 from moe_local.loading.hub import resolve_model_dir
-from moe_local.models import CausalLM, build_model, load_weights
+from moe_local.models import CausalLM, build_model, checkpoint_experts, load_weights
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -60,15 +60,11 @@ class LoadedModel:
 
 def open_weights(root: Path):
     """A Checkpoint for a Hugging Face folder; a pack reader for a moe-local pack (see moe_local.formats.pack)."""
-    from moe_local.formats.pack import Pack, is_pack
-
     return Pack(root) if is_pack(root) else Checkpoint(root)
 
 
 def expert_source_for(weights, model: CausalLM) -> ExpertSource:
     """The pack itself (an ExpertBytesSource) for a pack; routed experts read from the checkpoint otherwise."""
-    from moe_local.formats.pack import Pack
-
     a = model.args
     if isinstance(weights, Pack):
         if list(weights.moe_layers) != list(a.moe_layers) or weights.num_experts != a.num_experts:
@@ -76,8 +72,7 @@ def expert_source_for(weights, model: CausalLM) -> ExpertSource:
                 f"pack holds experts of layers {weights.moe_layers} x {weights.num_experts}, config.json implies "
                 f"layers {a.moe_layers} x {a.num_experts}", weights.manifest_path)
         return weights
-    return CheckpointExperts(weights, model.expert_layout(), a.moe_layers, a.num_experts,
-                             a.hidden_size, a.moe_intermediate_size)
+    return checkpoint_experts(model, weights)
 
 
 def build_model_for(config: dict, root: Path) -> CausalLM:

@@ -1,0 +1,73 @@
+"""How a family's checkpoint names its tensors: one declarative map, read by loading, quantizing and
+inspecting alike.
+
+Our parameter names equal the checkpoint's (`model.layers.3.self_attn.q_proj.weight`), so most of a
+family's map is the defaults. What a map states:
+
+- `experts`: where layer L's routed experts live ("{layer}" stands for L). Routed experts are never
+  model parameters; `hf_experts.CheckpointExperts` reads them in either hub layout:
+  per expert, `<experts>.<e>.<name>.weight` with `projections` naming gate, up and down
+  (Mixtral: w1, w3, w2); or fused, `<experts>.<gate_up>` [E, 2I, H] (gate half first) and
+  `<experts>.<down>` [E, H, I] with `fused` naming those two.
+- `renames`: (our prefix, checkpoint prefix) pairs for a family whose module names differ from its
+  checkpoint's names; the first matching pair applies. Empty for every family today.
+- `keep_fp32`: parameters (by last name component) loaded in float32 whatever the run dtype, because
+  rounding them would change which experts win (DeepSeek-V3's `e_score_correction_bias`).
+- `ignored`: regular expressions of checkpoint tensors deliberately never read (rotary buffers of
+  old checkpoints), and `ignore_extra_layers` for checkpoints that store layers past
+  `num_hidden_layers` (DeepSeek-V3's multi-token-prediction module).
+
+FP8 block scales (`<name>_scale_inv`) are not part of a map: they are how a checkpoint *stores* a
+tensor, not what the tensor is called, so `Checkpoint` folds them into the tensor it belongs to.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class CheckpointMap:
+    """A family's checkpoint names (see the module docstring); the defaults are the Hugging Face ones."""
+
+    experts: str = "model.layers.{layer}.mlp.experts"
+    projections: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    fused: tuple[str, str] = ("gate_up_proj", "down_proj")
+    renames: tuple[tuple[str, str], ...] = ()
+    keep_fp32: tuple[str, ...] = ()
+    ignored: tuple[str, ...] = (r".*\.rotary_emb\.",)
+    ignore_extra_layers: bool = False
+
+    def checkpoint_name(self, param: str) -> str:
+        """The checkpoint tensor holding our parameter `param`."""
+        for ours, theirs in self.renames:
+            if param.startswith(ours):
+                return theirs + param[len(ours):]
+        return param
+
+    def keeps_fp32(self, param: str) -> bool:
+        return param.rsplit(".", 1)[-1] in self.keep_fp32
+
+    def expert_prefix(self, layer: int) -> str:
+        return self.experts.format(layer=layer)
+
+    def expert_names(self, layer: int, expert: int) -> tuple[str, str, str]:
+        """Per-expert layout: the checkpoint tensors of gate, up and down."""
+        prefix = self.expert_prefix(layer)
+        return tuple(f"{prefix}.{expert}.{name}.weight" for name in self.projections)  # type: ignore[return-value]
+
+    def fused_names(self, layer: int) -> tuple[str, str]:
+        """Fused layout: the [E, 2I, H] gate/up tensor and the [E, H, I] down tensor of a layer."""
+        prefix = self.expert_prefix(layer)
+        return f"{prefix}.{self.fused[0]}", f"{prefix}.{self.fused[1]}"
+
+    def is_ignored(self, name: str, num_layers: int) -> bool:
+        """A checkpoint tensor this family never reads on purpose."""
+        if self.ignore_extra_layers:
+            m = _LAYER.match(name)
+            if m and int(m.group(1)) >= num_layers:
+                return True
+        return any(re.match(pattern, name) for pattern in self.ignored)

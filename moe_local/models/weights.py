@@ -1,0 +1,95 @@
+"""The one walk from a model to its checkpoint tensors, driven by the family's `CheckpointMap`.
+
+`load_weights` (running), `convert.quantize` (packing) and `runtime.inspect` (sizing) all ask this
+module which checkpoint tensor fills which parameter and where the routed experts are, so a family's
+naming is stated once (its `checkpoint_map`) and read the same way everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from moe_local.errors import CheckpointError
+from moe_local.loading.checkpoint import check_shape
+from moe_local.loading.hf_experts import CheckpointExperts
+from moe_local.models.base import CausalLM
+
+
+class TensorSource(Protocol):
+    """What the walk reads: a `loading.Checkpoint` or a `formats.pack.Pack` (same tensor API)."""
+
+    root: object
+
+    def names(self) -> list[str]: ...
+
+    def __contains__(self, name: str) -> bool: ...
+
+    def shape(self, name: str) -> tuple[int, ...]: ...
+
+    def file_of(self, name: str): ...
+
+
+@dataclass(frozen=True)
+class WeightRef:
+    """One non-expert parameter and the checkpoint tensor that fills it."""
+
+    param: str  # our parameter name
+    name: str  # the checkpoint tensor
+    shape: tuple[int, ...]
+    fp32: bool = False  # kept in float32 whatever the run dtype (CheckpointMap.keep_fp32)
+
+
+def weight_refs(model: CausalLM, ckpt: TensorSource) -> list[WeightRef]:
+    """Every non-expert tensor the model reads, in parameter order, shapes checked from the headers.
+
+    A tensor the model needs and the checkpoint lacks, or one whose shape config.json contradicts, is
+    a CheckpointError naming the file. A tied LM head reads the embeddings instead (no ref)."""
+    cmap = model.checkpoint_map
+    refs: list[WeightRef] = []
+    for param, p in model.named_parameters():
+        name = cmap.checkpoint_name(param)
+        if name not in ckpt:
+            if param == "lm_head.weight" and model.args.tie_word_embeddings:
+                continue
+            raise CheckpointError(f"tensor {name!r} (needed by {model.family}) is missing", ckpt.root)
+        check_shape(name, tuple(ckpt.shape(name)), tuple(p.shape), ckpt.file_of(name))
+        refs.append(WeightRef(param, name, tuple(p.shape), cmap.keeps_fp32(param)))
+    return refs
+
+
+def checkpoint_experts(model: CausalLM, ckpt) -> CheckpointExperts:
+    """The routed experts of a Hugging Face checkpoint, where the family's map says they are."""
+    a = model.args
+    return CheckpointExperts(ckpt, model.checkpoint_map, a.moe_layers, a.num_experts, a.hidden_size,
+                             a.moe_intermediate_size)
+
+
+def unread_tensors(model: CausalLM, ckpt: TensorSource) -> list[str]:
+    """Checkpoint tensors nothing reads and the map does not declare ignored: the map is incomplete
+    (or the checkpoint is not of this family). Empty for every checkpoint a family supports."""
+    read = {ref.name for ref in weight_refs(model, ckpt)}
+    experts = checkpoint_experts(model, ckpt)
+    for layer in experts.moe_layers:
+        if experts.is_fused(layer):
+            read.update(experts.tensor_names(layer, 0))
+        else:
+            for e in range(experts.num_experts):
+                read.update(experts.tensor_names(layer, e))
+    layers = model.args.num_hidden_layers
+    return [n for n in ckpt.names() if n not in read and not model.checkpoint_map.is_ignored(n, layers)]
+
+
+def resident_bytes(model: CausalLM, dtype: torch.dtype) -> int:
+    """Bytes of the non-expert weights once `load_weights` has filled the (meta-device) model in
+    `dtype`: what `inspect` sizes a run by. `keep_fp32` parameters count 4 bytes, a tied LM head
+    counts once, buffers keep their own dtype."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    total = 0
+    for name, p in model.named_parameters():
+        if model.args.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        total += p.numel() * (4 if model.checkpoint_map.keeps_fp32(name) else elem)
+    return total + sum(b.numel() * b.element_size() for b in model.buffers())
