@@ -69,21 +69,22 @@ def serve(
     sock = bind(host, port)  # before loading: a port in use is reported at once
     try:
         session = load.open(model, need_tokenizer=True)
-        name = alias or default_alias(model)
-        options = ServeOptions(host, port, name, api_key, max_queue, ctx_size)
-        engine, _, app = build(session, options, on_request=lambda r: err.print(escape(log_line(r)), highlight=False))
-        bound_host, bound_port = sock.getsockname()[:2]
-        url_host = f"[{bound_host}]" if ":" in bound_host else bound_host
-
-        def ready() -> None:
-            err.print(f"serving [bold]{escape(name)}[/] at http://{escape(url_host)}:{bound_port}/v1 "
-                      f"(OpenAI API; context {engine.ctx_size} tokens, queue {max_queue}"
-                      f"{', API key required' if api_key else ''}); Ctrl-C stops")
-            if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
-                err.print("[yellow]note: listening beyond this machine without --api-key: anyone who can reach "
-                          "the port can use the model[/]")
-
         try:
+            name = alias or default_alias(model)
+            options = ServeOptions(host, port, name, api_key, max_queue, ctx_size)
+            engine, _, app = build(session, options,
+                                   on_request=lambda r: err.print(escape(log_line(r)), highlight=False))
+            bound_host, bound_port = sock.getsockname()[:2]
+            url_host = f"[{bound_host}]" if ":" in bound_host else bound_host
+
+            def ready() -> None:
+                err.print(f"serving [bold]{escape(name)}[/] at http://{escape(url_host)}:{bound_port}/v1 "
+                          f"(OpenAI API; context {engine.ctx_size} tokens, queue {max_queue}"
+                          f"{', API key required' if api_key else ''}); Ctrl-C stops")
+                if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+                    err.print("[yellow]note: listening beyond this machine without --api-key: anyone who can "
+                              "reach the port can use the model[/]")
+
             run_server(app, engine, sock, on_ready=ready)
         finally:
             session.close()
