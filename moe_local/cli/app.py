@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "moe_local.cli.run_cmds",  # generate, chat, inspect
     "moe_local.cli.quant_cmds",  # quantize, eval
     "moe_local.cli.cache_cmds",  # report, simulate
+    "moe_local.cli.serve_cmd",  # serve
 )
 
 
