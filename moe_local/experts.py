@@ -52,6 +52,25 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
+@dataclass(frozen=True)
+class LimitedSwiGLU:
+    """DeepSeek-V4's expert activation: silu(min(gate, limit)) * clamp(up, -limit, limit).
+
+    Unlike the unary ACTIVATIONS it needs both halves, so it is an object with `combine(gate, up)`
+    (a family's `ModelArgs.expert_act`); `ExpertWeights` calls whichever kind it is given."""
+
+    limit: float
+
+    def combine(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return F.silu(gate.clamp(max=self.limit)) * up.clamp(min=-self.limit, max=self.limit)
+
+
+def activation(act) -> Callable:
+    """What providers call experts with: a unary function named by config (`hidden_act`), or a
+    gated activation object (with `combine`) as given."""
+    return ACTIVATIONS[act] if isinstance(act, str) else act
+
+
 @dataclass
 class ExpertWeights:
     """One routed expert: down(act(gate(x)) * up(x))."""
@@ -61,7 +80,8 @@ class ExpertWeights:
     down: Projection  # [H, I]
 
     def __call__(self, x: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        return project(act(project(x, self.gate)) * project(x, self.up), self.down)
+        g, u = project(x, self.gate), project(x, self.up)
+        return project(act.combine(g, u) if hasattr(act, "combine") else act(g) * u, self.down)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "ExpertWeights":
         def move(w: Projection) -> Projection:
@@ -174,7 +194,7 @@ class ResidentExperts:
         dtype: torch.dtype | None = None,
         progress: Callable[[int], None] | None = None,
     ) -> None:
-        self.act = ACTIVATIONS[act]
+        self.act = activation(act)
         self.experts: dict[tuple[int, int], ExpertWeights] = {}
         for layer in source.moe_layers:
             for e in range(source.num_experts):

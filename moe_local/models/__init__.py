@@ -26,6 +26,7 @@ FAMILIES: dict[str, str] = {
     "qwen3_next": "moe_local.models.qwen3_next:Qwen3Next",
     "qwen3_5_moe": "moe_local.models.qwen3_5_moe:Qwen35Moe",  # the hub's multimodal config (text model run)
     "qwen3_5_moe_text": "moe_local.models.qwen3_5_moe:Qwen35Moe",  # what transformers saves for the text model
+    "deepseek_v4": "moe_local.models.deepseek_v4:DeepseekV4",
 }
 
 
@@ -56,7 +57,9 @@ def load_weights(model: CausalLM, ckpt, device: torch.device | str, dtype: torch
     state: dict[str, torch.Tensor] = {}
     for ref in weight_refs(model, ckpt):
         tensor = ckpt.get(ref.name, shape=ref.shape)
-        state[ref.param] = tensor.to(device=device, dtype=torch.float32 if ref.fp32 else dtype)
+        if tensor.is_floating_point():  # integer tables (DeepSeek-V4's tid2eid) keep their dtype
+            tensor = tensor.to(dtype=torch.float32 if ref.fp32 else dtype)
+        state[ref.param] = tensor.to(device=device)
         if progress is not None:
             progress(1)
     if "lm_head.weight" not in state:

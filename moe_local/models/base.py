@@ -104,6 +104,12 @@ class ModelArgs:
         return True
 
     @property
+    def expert_act(self):
+        """What routed experts are called with (experts.activation): `hidden_act` by name, or a
+        family's gated activation object (DeepSeek-V4's clamped SwiGLU)."""
+        return self.hidden_act
+
+    @property
     def moe_layers(self) -> list[int]:
         return [i for i in range(self.num_hidden_layers) if self.is_moe_layer(i)]
 

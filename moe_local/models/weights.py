@@ -47,7 +47,7 @@ def weight_refs(model: CausalLM, ckpt: TensorSource) -> list[WeightRef]:
 
     A tensor the model needs and the checkpoint lacks, or one whose shape config.json contradicts, is
     a CheckpointError naming the file. A tied LM head reads the embeddings instead (no ref)."""
-    cmap = model.checkpoint_map
+    cmap = model.checkpoint_map.for_checkpoint(ckpt.__contains__)
     refs: list[WeightRef] = []
     for param, p in model.named_parameters():
         name = cmap.checkpoint_name(param)
@@ -63,7 +63,7 @@ def weight_refs(model: CausalLM, ckpt: TensorSource) -> list[WeightRef]:
 def checkpoint_experts(model: CausalLM, ckpt) -> CheckpointExperts:
     """The routed experts of a Hugging Face checkpoint, where the family's map says they are."""
     a = model.args
-    return CheckpointExperts(ckpt, model.checkpoint_map, a.moe_layers, a.num_experts, a.hidden_size,
+    return CheckpointExperts(ckpt, model.checkpoint_map.for_checkpoint(ckpt.__contains__), a.moe_layers, a.num_experts, a.hidden_size,
                              a.moe_intermediate_size)
 
 
@@ -91,5 +91,6 @@ def resident_bytes(model: CausalLM, dtype: torch.dtype) -> int:
     for name, p in model.named_parameters():
         if model.args.tie_word_embeddings and name == "lm_head.weight":
             continue
-        total += p.numel() * (4 if model.checkpoint_map.keeps_fp32(name) else elem)
+        size = p.element_size() if not p.is_floating_point() else 4 if model.checkpoint_map.keeps_fp32(name) else elem
+        total += p.numel() * size  # integer parameters (DeepSeek-V4's hash table) keep their dtype
     return total + sum(b.numel() * b.element_size() for b in model.buffers())
