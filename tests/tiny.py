@@ -197,6 +197,19 @@ def qwen3_5_moe_config(**kw):
                                                                              num_heads=2, out_hidden_size=64))
 
 
+def glm4_moe_config(**kw):
+    """GLM-4.5 in miniature: RoPE on half of each 24-dim head, noaux_tc with 4 groups (keep 2), 1 shared
+    expert, one dense first layer."""
+    from transformers import Glm4MoeConfig
+
+    base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=24, n_routed_experts=16, num_experts_per_tok=4,
+                n_shared_experts=1, n_group=4, topk_group=2, first_k_dense_replace=1, routed_scaling_factor=2.5,
+                max_position_embeddings=256)
+    base.update(kw)
+    return Glm4MoeConfig(**base)
+
+
 # model_type -> a tiny config of that family (tests/test_families.py checks every family has one)
 TINY_CONFIGS = {
     "mixtral": mixtral_config,
@@ -209,6 +222,7 @@ TINY_CONFIGS = {
     "qwen3_next": qwen3_next_config,
     "qwen3_5_moe": qwen3_5_moe_config,
     "qwen3_5_moe_text": qwen3_5_moe_text_config,
+    "glm4_moe": glm4_moe_config,  # famA1
 }
 
 
