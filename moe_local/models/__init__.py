@@ -28,6 +28,7 @@ FAMILIES: dict[str, str] = {
     "qwen3_5_moe_text": "moe_local.models.qwen3_5_moe:Qwen35Moe",  # what transformers saves for the text model
     # famA1: GLM-4.5+ MoE
     "glm4_moe": "moe_local.models.glm4_moe:Glm4Moe",
+    "kimi_k25": "moe_local.models.kimi_k25:KimiK25",  # the text model of the multimodal checkpoint
 }
 
 
