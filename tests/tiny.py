@@ -244,6 +244,18 @@ def kimi_k25_config(**kw):
                              "tie_word_embeddings": False, **kw})
 
 
+def minimax_m2_config(**kw):
+    """MiniMax-M2 in miniature: RoPE on 12 of each 24-dim head (the hub's legacy `rotary_dim` key), every
+    layer MoE, 8 experts top-2."""
+    from transformers import MiniMaxM2Config
+
+    base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=24, rotary_dim=12, num_local_experts=8, num_experts_per_tok=2,
+                max_position_embeddings=256, bos_token_id=None, eos_token_id=None)
+    base.update(kw)
+    return MiniMaxM2Config(**base)
+
+
 # model_type -> a tiny config of that family (tests/test_families.py checks every family has one)
 TINY_CONFIGS = {
     "mixtral": mixtral_config,
@@ -258,6 +270,7 @@ TINY_CONFIGS = {
     "qwen3_5_moe_text": qwen3_5_moe_text_config,
     "glm4_moe": glm4_moe_config,  # famA1
     "kimi_k25": kimi_k25_config,  # famA1
+    "minimax_m2": minimax_m2_config,  # famA1
 }
 
 

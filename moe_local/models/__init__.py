@@ -29,6 +29,7 @@ FAMILIES: dict[str, str] = {
     # famA1: GLM-4.5+ MoE
     "glm4_moe": "moe_local.models.glm4_moe:Glm4Moe",
     "kimi_k25": "moe_local.models.kimi_k25:KimiK25",  # the text model of the multimodal checkpoint
+    "minimax_m2": "moe_local.models.minimax_m2:MiniMaxM2",
 }
 
 
