@@ -26,6 +26,7 @@ FAMILIES: dict[str, str] = {
     "qwen3_next": "moe_local.models.qwen3_next:Qwen3Next",
     "qwen3_5_moe": "moe_local.models.qwen3_5_moe:Qwen35Moe",  # the hub's multimodal config (text model run)
     "qwen3_5_moe_text": "moe_local.models.qwen3_5_moe:Qwen35Moe",  # what transformers saves for the text model
+    "gpt_oss": "moe_local.models.gpt_oss:GptOss",
 }
 
 
