@@ -110,6 +110,16 @@ class ModelArgs:
     def rope_config(self) -> RopeConfig:
         return RopeConfig.from_config(self.raw, self.head_dim)
 
+    @property
+    def expert_act(self):
+        """The routed experts' activation as providers take it (experts.activation): the config's
+        `hidden_act` name, or a gated activation object (gpt-oss's ClampedSwiGLU)."""
+        return self.hidden_act
+
+    def expert_params(self) -> int:
+        """Parameters of one routed expert (gate, up, down; families with expert biases add them)."""
+        return 3 * self.hidden_size * self.moe_intermediate_size
+
 
 def text_model_config(cfg: dict) -> dict | None:
     """The text model's keys of a multimodal config.json (Qwen3.5-MoE, Kimi-K2.5: `text_config` beside a
