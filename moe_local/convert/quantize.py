@@ -480,7 +480,10 @@ def quantize(
     progress = progress or _Silent()
 
     calibration = None
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MoeLocalError(f"cannot create the folder for the pack: {exc.strerror or exc}", out.parent) from None
     _remove_stale_partials(out)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     if tmp.exists():
@@ -505,6 +508,10 @@ def quantize(
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
         _verify(tmp, progress)
         _install(tmp, out)
+    except OSError as exc:  # read-only folder, full disk, quota: one line about OUT, nothing left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise MoeLocalError(f"cannot write the pack: {exc.strerror or exc} ({exc.filename or tmp}); "
+                            f"nothing was left behind", out) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
