@@ -150,7 +150,7 @@ class TieredExperts:
         self.source = source
         self.device = torch.device(device)
         self.dtype = dtype
-        self.act = activation(act)  # famB2: a gated activation object (DeepSeek-V4) as well as a name
+        self.act = activation(act)
         self.top_k = int(top_k)
         self.cuda = self.device.type == "cuda"
         self.two_tier = self.cuda if two_tier is None else bool(two_tier)

@@ -90,6 +90,9 @@ class DeepseekV4Args(ModelArgs):
     aliases: ClassVar[dict[str, str]] = {"n_routed_experts": "num_experts"}
     required: ClassVar[tuple[str, ...]] = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                                            "moe_intermediate_size")
+    positive: ClassVar[tuple[str, ...]] = ModelArgs.positive + (
+        "moe_intermediate_size", "q_lora_rank", "hc_mult", "hc_sinkhorn_iters", "sliding_window", "o_groups",
+        "o_lora_rank", "index_n_heads", "index_head_dim", "index_topk", "swiglu_limit")
 
     def __post_init_args__(self) -> None:
         super().__post_init_args__()
@@ -144,7 +147,7 @@ class DeepseekV4Args(ModelArgs):
 
     @property
     def expert_act(self) -> LimitedSwiGLU:
-        return LimitedSwiGLU(float(self.swiglu_limit))
+        return LimitedSwiGLU(limit=float(self.swiglu_limit))
 
     def is_hash_layer(self, layer: int) -> bool:
         return self.mlp_layer_types[layer] == "hash_moe"
@@ -252,7 +255,7 @@ class LimitedMLP(nn.Module):
         self.w1 = nn.Linear(hidden, inter, bias=False)
         self.w2 = nn.Linear(inter, hidden, bias=False)
         self.w3 = nn.Linear(hidden, inter, bias=False)
-        self.act = LimitedSwiGLU(limit)
+        self.act = LimitedSwiGLU(limit=limit)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(self.act.combine(self.w1(x), self.w3(x)))
