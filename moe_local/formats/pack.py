@@ -28,13 +28,14 @@ import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from safetensors import safe_open
 
 from moe_local.errors import CheckpointError
 from moe_local.experts import ExpertWeights
+from moe_local.formats import kernels_cpu
 from moe_local.formats.schemes import PackedWeight, get_scheme
 from moe_local.loading.checkpoint import check_shape, read_json
 from moe_local.units import BY_TORCH, DTYPES, dtype_name
@@ -544,6 +545,11 @@ class Pack:
 
     def load(self, layer: int, expert: int) -> ExpertWeights:
         return self.decode(self.view(layer, expert), layer, expert)
+
+    def grouped_kernel(self, experts: Sequence[ExpertWeights], act: str) -> kernels_cpu.LayerKernel | None:
+        """One kernel call per MoE layer over these (decoded) experts on the CPU, or None where the
+        kernels do not cover them: what `ResidentExperts` uses for a pack by default."""
+        return kernels_cpu.layer_kernel(experts, act)
 
     # ----------------------------------------------------------------- description (for `inspect`)
     def describe(self) -> dict:
