@@ -45,8 +45,8 @@ from moe_local.cache.stats import CacheStats, TierCounters
 from moe_local.cache.tiers import Tier, TierState, allocate_slab
 from moe_local.cache.trace import TraceRecorder
 from moe_local.errors import MoeLocalError
+from moe_local.experts import ExpertPredictor, ExpertWeights, activation, combine_experts
 from moe_local.formats import kernels_cpu
-from moe_local.experts import ACTIVATIONS, ExpertPredictor, ExpertWeights, combine_experts
 
 Key = Hashable
 MISS_MODES = ("transfer", "cpu", "auto")
@@ -151,8 +151,8 @@ class TieredExperts:
         self.source = source
         self.device = torch.device(device)
         self.dtype = dtype
-        self.act = ACTIVATIONS[act]
-        self.act_name = act
+        self.act = activation(act)
+        self.act_name = act  # a name (or a gated activation object the grouped kernel declines)
         self.covered: dict[int, bool] = {}  # layer -> its experts run through the CPU grouped kernel
         self.top_k = int(top_k)
         self.cuda = self.device.type == "cuda"

@@ -195,7 +195,7 @@ def expert_row(e: ExpertWeights) -> torch.Tensor | None:
     cached = getattr(e, "_cpu_row", None)
     if cached is not None:
         return cached
-    if not available():
+    if not available() or any(b is not None for b in e.biases):  # biased experts (gpt-oss): generic loop
         return None
     descs = [descriptor(w) for w in (e.gate, e.up, e.down)]
     if any(d is None for d in descs):
@@ -210,7 +210,8 @@ def expert_row(e: ExpertWeights) -> torch.Tensor | None:
 
 def grouped_applies(x: torch.Tensor, act: str) -> bool:
     """Whether a layer call on x takes the grouped kernel: decode and small batches on the CPU."""
-    return x.device.type == "cpu" and 0 < x.shape[0] <= MAX_BATCH and act in ACTIVATIONS and available()
+    return (x.device.type == "cpu" and 0 < x.shape[0] <= MAX_BATCH and isinstance(act, str) and act in ACTIVATIONS
+            and available())
 
 
 def moe_accumulate(out: torch.Tensor, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
@@ -245,10 +246,10 @@ class LayerKernel:
         return out if x.dtype == torch.float32 else out.to(x.dtype)
 
 
-def layer_kernel(experts: Sequence[ExpertWeights], act: str) -> LayerKernel | None:
+def layer_kernel(experts: Sequence[ExpertWeights], act) -> LayerKernel | None:
     """The grouped kernel over experts 0..n-1 of a layer, or None when the kernels do not cover
     them (not built, an activation or a projection they do not know, weights off the CPU)."""
-    if act not in ACTIVATIONS or not experts or not available():
+    if not isinstance(act, str) or act not in ACTIVATIONS or not experts or not available():
         return None
     rows = [expert_row(e) for e in experts]
     if any(r is None for r in rows):
