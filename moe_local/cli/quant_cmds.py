@@ -134,10 +134,13 @@ def eval_cmd(
     threads: Threads = None,
 ) -> None:
     """Perplexity on a token file; with --reference, KL(reference || model) and top-1 agreement."""
-    from moe_local.runtime.evaluate import evaluate, load_token_ids, windows
-    from moe_local.runtime.loader import load_model
+    from moe_local.runtime.evaluate import check_eval_options, evaluate, load_token_ids, windows
+    from moe_local.runtime.loader import load_model, resolve_device, resolve_dtype
     from moe_local.runtime.threads import resolve_threads
 
+    check_eval_options(window, max_tokens)
+    resolve_dtype(dtype)
+    resolve_device(device)
     n_threads = resolve_threads(threads)  # refused before any weight is read
     lm = load_model(model, device=device, dtype=dtype, threads=n_threads)
     ref = load_model(reference, device=device, dtype=dtype, threads=n_threads) if reference else None

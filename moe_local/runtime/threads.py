@@ -36,7 +36,7 @@ def parse_threads(value: str | int | None) -> int | None:
         return None
     text = str(value).strip()
     if not text.isdigit() or int(text) < 1:
-        raise MoeLocalError(f"--threads must be a positive integer (threads to compute with), got {value!r}")
+        raise MoeLocalError(f"-t/--threads must be a positive integer (threads to compute with), got {value!r}")
     return int(text)
 
 
