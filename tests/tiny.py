@@ -22,6 +22,8 @@ def save_tiny(config, path: Path, seed: int = 0):
     """
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
+    if hasattr(config, "save_reference"):  # a family transformers lacks brings its own oracle (DeepSeekMoE)
+        return config.save_reference(path, seed)
     torch.manual_seed(seed)
     config._attn_implementation = "eager"
     # a multimodal config (Qwen3.5-MoE's hub layout) is saved whole, vision tower included
@@ -256,6 +258,14 @@ def minimax_m2_config(**kw):
     return MiniMaxM2Config(**base)
 
 
+def deepseek_moe_config(**kw):
+    """DeepSeekMoE 16B in miniature (its oracle: tests/deepseek_moe_reference.py): MHA, 16 fine-grained experts
+    top-4 un-normalised, 2 shared experts, one dense first layer."""
+    from tests.deepseek_moe_reference import DeepseekMoeTinyConfig
+
+    return DeepseekMoeTinyConfig(**kw)
+
+
 # model_type -> a tiny config of that family (tests/test_families.py checks every family has one)
 TINY_CONFIGS = {
     "mixtral": mixtral_config,
@@ -271,6 +281,7 @@ TINY_CONFIGS = {
     "glm4_moe": glm4_moe_config,  # famA1
     "kimi_k25": kimi_k25_config,  # famA1
     "minimax_m2": minimax_m2_config,  # famA1
+    "deepseek": deepseek_moe_config,  # famA1: DeepSeekMoE 16B
 }
 
 

@@ -30,6 +30,7 @@ FAMILIES: dict[str, str] = {
     "glm4_moe": "moe_local.models.glm4_moe:Glm4Moe",
     "kimi_k25": "moe_local.models.kimi_k25:KimiK25",  # the text model of the multimodal checkpoint
     "minimax_m2": "moe_local.models.minimax_m2:MiniMaxM2",
+    "deepseek": "moe_local.models.deepseek_moe:DeepseekMoe",  # DeepSeekMoE 16B (hub remote code)
 }
 
 
