@@ -35,6 +35,8 @@ def save_tiny(config, path: Path, seed: int = 0):
                 tensor.copy_(torch.rand_like(tensor) * 0.5)  # non-zero: selection must use it
             elif tensor.is_floating_point() and name.endswith("norm.weight"):
                 tensor.copy_(1.0 + 0.1 * torch.randn_like(tensor))  # norms start at 1: make them count
+            elif name.endswith(("experts.gate_up_proj_bias", "experts.down_proj_bias", "self_attn.sinks")):
+                tensor.copy_(torch.randn_like(tensor) * 0.5)  # gpt-oss: zero / tiny at init, make them count
     model.eval()
     model.save_pretrained(path)
     fix = HUB_LAYOUT.get(config.model_type)
@@ -266,6 +268,21 @@ def deepseek_moe_config(**kw):
     return DeepseekMoeTinyConfig(**kw)
 
 
+def gpt_oss_config(**kw):
+    """gpt-oss in miniature: alternating sliding (window 5, inside the 16-token prompt) and full
+    attention, YaRN, 8 experts top-2; H=64 and I=96: multiples of MXFP4's 32-wide blocks, and no two
+    expert dims coincide (the saved gate_up is transposed: [E, H, 2I])."""
+    from transformers import GptOssConfig
+
+    base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, num_local_experts=8, num_experts_per_tok=2, sliding_window=5,
+                max_position_embeddings=128, tie_word_embeddings=False, pad_token_id=None, eos_token_id=None,
+                rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "beta_fast": 32.0,
+                                 "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 32})
+    base.update(kw)
+    return GptOssConfig(**base)
+
+
 # model_type -> a tiny config of that family (tests/test_families.py checks every family has one)
 TINY_CONFIGS = {
     "mixtral": mixtral_config,
@@ -278,10 +295,11 @@ TINY_CONFIGS = {
     "qwen3_next": qwen3_next_config,
     "qwen3_5_moe": qwen3_5_moe_config,
     "qwen3_5_moe_text": qwen3_5_moe_text_config,
-    "glm4_moe": glm4_moe_config,  # famA1
-    "kimi_k25": kimi_k25_config,  # famA1
-    "minimax_m2": minimax_m2_config,  # famA1
-    "deepseek": deepseek_moe_config,  # famA1: DeepSeekMoE 16B
+    "glm4_moe": glm4_moe_config,
+    "kimi_k25": kimi_k25_config,
+    "minimax_m2": minimax_m2_config,
+    "deepseek": deepseek_moe_config,  # DeepSeekMoE 16B
+    "gpt_oss": gpt_oss_config,
 }
 
 
@@ -305,3 +323,37 @@ def assert_one_line_error(output: str, exit_code: int, *needles: str) -> str:
     for needle in needles:
         assert needle in errors[0], errors[0]
     return errors[0]
+
+
+# --------------------------------------------------------------------------- gpt-oss's hub layout
+MXFP4_CONFIG = {"quant_method": "mxfp4",
+                "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                           "model.embed_tokens", "lm_head"]}
+
+
+def to_mxfp4_checkpoint(path, out) -> None:
+    """Rewrite a save_pretrained gpt-oss checkpoint (float experts, gate_up [E, H, 2I], down
+    [E, I, H]) into the hub's MXFP4 layout, as openai/gpt-oss-* ship it: `<proj>_blocks` uint8
+    [E, out, in/32, 16] (two E2M1 codes per byte, low nibble first) and `<proj>_scales` uint8
+    [E, out, in/32] (e8m0 exponents, bias 127), plus `quantization_config.quant_method = mxfp4` in
+    config.json. The codes come from our `mxfp4` scheme; transformers' own dequantizer then reads
+    them as the reference (integrations/mxfp4.py), so the layout is checked against it."""
+    import json
+    from pathlib import Path
+
+    from moe_local.formats.schemes import get_scheme
+
+    path, out = Path(path), Path(out)
+    scheme = get_scheme("mxfp4")
+    tensors = load_file(path / "model.safetensors")
+    for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        w = tensors.pop(name).transpose(1, 2)  # [E, out, in]
+        packed = [scheme.quantize(w[e].float()) for e in range(w.shape[0])]
+        E, out_f, in_f = w.shape
+        tensors[f"{name}_blocks"] = torch.stack([p["codes"] for p in packed]).reshape(E, out_f, in_f // 32, 16)
+        tensors[f"{name}_scales"] = torch.stack([p["scales"] for p in packed])
+    out.mkdir(parents=True, exist_ok=True)
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = MXFP4_CONFIG
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})

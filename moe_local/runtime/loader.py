@@ -27,7 +27,7 @@ ProviderFactory = Callable[[ExpertSource, CausalLM, torch.device, torch.dtype], 
 
 
 def resident_provider(source: ExpertSource, model: CausalLM, device: torch.device, dtype: torch.dtype) -> ExpertProvider:
-    return ResidentExperts(source, act=model.args.hidden_act, device=device, dtype=dtype)
+    return ResidentExperts(source, act=model.args.expert_act, device=device, dtype=dtype)
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -126,7 +126,7 @@ def build_model_for(config: dict, root: Path) -> CausalLM:
     except ConfigError as exc:
         if exc.path is not None:
             raise
-        raise ConfigError(str(exc), root / "config.json") from None
+        raise ConfigError(str(exc).removeprefix("config.json: "), root / "config.json") from None
 
 
 def load_model(
