@@ -19,7 +19,7 @@ from moe_local.models.weights import unread_tensors
 from moe_local.runtime.loader import load_model
 from tests.family_checks import check_pack_tiered_matches_resident, cli, inspect_config_only, runner
 from tests.tiny import (PROMPT_LEN, VOCAB, YARN, assert_matches_reference, assert_one_line_error, fuse_experts,
-                        kimi_k25_config, save_tiny)
+                        kimi_k2_config, kimi_k25_config, save_tiny)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # one torch thread on a shared box (conftest)
 NOTE = "note: the vision tower (vision_tower.*, mm_projector.*) is not loaded: text only"
@@ -226,3 +226,21 @@ def test_a_zero_point_packing_is_refused_by_name(tmp_path):
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
     out = runner.invoke(app, ["generate", str(tmp_path), "--prompt-ids", "1,2", "-n", "1"])
     assert_one_line_error(out.output, out.exit_code, "zero point", name)
+
+
+# --------------------------------------------------------------------------- Kimi-K2's text-only checkpoints
+def test_kimi_k2_text_checkpoint_matches_transformers(tmp_path):
+    """model_type kimi_k2 (K2-Base / -Instruct / -Thinking, hub remote code): DeepSeek-V3 exactly, V3's names."""
+    ref = save_tiny(kimi_k2_config(), tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "kimi_k2"
+    lm = assert_matches_reference(tmp_path, ref, vocab=VOCAB)
+    assert lm.model.family == "kimi_k2" and lm.model.notes() == [] and lm.model.args.moe_layers == [1, 2]
+
+
+def test_inspect_kimi_k2_instruct_real_size(tmp_path):
+    """moonshotai/Kimi-K2-Instruct config.json: the same text model as K2.5's (figures as above)."""
+    for sub in ("k2", "k25"):
+        (tmp_path / sub).mkdir()
+    s = inspect_config_only(tmp_path / "k2", {**KIMI_K2_TEXT, "max_position_embeddings": 131072})
+    k25 = inspect_config_only(tmp_path / "k25", KIMI_K25)
+    assert (s["family"], s["total_params"], s["active_params"]) == ("kimi_k2", k25["total_params"], k25["active_params"])
