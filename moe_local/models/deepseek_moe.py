@@ -25,7 +25,7 @@ from typing import ClassVar
 from moe_local.errors import ConfigError
 from moe_local.models.base import CausalLM, DecoderLayer, ModelArgs
 from moe_local.models.layers import MLP, Attention, AttentionOptions, Router, SparseMoE
-from moe_local.models.routing import softmax_topk
+from moe_local.models.routing import deepseek_moe_gate
 
 
 @dataclass
@@ -68,9 +68,7 @@ class DeepseekMoe(CausalLM):
         attn = Attention(AttentionOptions(a.hidden_size, a.num_attention_heads, a.num_key_value_heads, a.head_dim,
                                           qkv_bias=a.attention_bias, o_bias=a.attention_bias, rms_eps=a.rms_norm_eps))
         if a.is_moe_layer(i):
-            k = a.num_experts_per_tok
-            router = Router(a.hidden_size, a.num_experts, softmax_topk(k, bool(a.norm_topk_prob) and k > 1),
-                            cast_weights=True)
+            router = Router(a.hidden_size, a.num_experts, deepseek_moe_gate(a.num_experts_per_tok, bool(a.norm_topk_prob)))
             shared = MLP(a.hidden_size, a.moe_intermediate_size * a.n_shared_experts, a.hidden_act) \
                 if a.n_shared_experts else None
             mlp = SparseMoE(i, router, self.experts, shared=shared)
