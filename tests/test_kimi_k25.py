@@ -173,9 +173,11 @@ def test_unpack_matches_the_packing_by_hand():
     row = list(range(-8, 8))  # unsigned 0..15: nibbles 0x76543210, 0xFEDCBA98
     assert pack_row(row) == [0x76543210, 0xFEDCBA98 - (1 << 32)]
     packed = torch.tensor([pack_row(row), pack_row(row[::-1])], dtype=torch.int32)
-    assert unpack_int32(packed, 4, 16).tolist() == [row, row[::-1]]
-    odd = torch.tensor([pack_row([3, -4, 1, 0, -1, 2, 3, -3, 1, 2, -4], bits=3)], dtype=torch.int32)  # values split across words
-    assert unpack_int32(odd, 3, 11).tolist() == [[3, -4, 1, 0, -1, 2, 3, -3, 1, 2, -4]]
+    assert (unpack_int32(packed, 4, 16).int() - 8).tolist() == [row, row[::-1]]  # codes are offset by 2^(bits-1)
+    odd = [3, -4, 1, 0, -1, 2, 3, -3, 1, 2, -4]  # 3-bit values: some split across two words
+    assert (unpack_int32(torch.tensor([pack_row(odd, bits=3)], dtype=torch.int32), 3, 11) - 4).tolist() == [odd]
+    eight = [-128, 127, 0, -1, 5]
+    assert (unpack_int32(torch.tensor([pack_row(eight, bits=8)], dtype=torch.int32), 8, 5).int() - 128).tolist() == [eight]
     scale = torch.tensor([[0.5, 2.0], [1.0, -1.0]], dtype=torch.bfloat16)  # groups of 8
     expect = torch.tensor([row, row[::-1]]).float() * scale.float().repeat_interleave(8, dim=1)
     assert torch.equal(dequantize_packed(packed, scale, (2, 16)), expect)

@@ -17,6 +17,7 @@ shapes, whichever config key (top level or `text_config`) holds the quantization
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 
@@ -40,20 +41,20 @@ def companions(prefix: str) -> tuple[str, ...]:
 
 
 def unpack_int32(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
-    """Signed integers [rows, cols] (int32) from rows densely packed into int32 words."""
+    """Unsigned codes [rows, cols] (uint8 for widths dividing 8, else int32) from rows densely packed into
+    int32 words; the signed value is code - 2^(bits-1)."""
     rows, words = packed.shape
     mask = (1 << bits) - 1
-    if 32 % bits == 0:  # int4, int8, int2: whole values per word, read with one shift per position
-        shifts = torch.arange(0, 32, bits, dtype=torch.int32)
-        values = ((packed[:, :, None] >> shifts) & mask).reshape(rows, -1)[:, :cols]
-    else:  # widths that split values across words: gather each value's two words
-        u = packed.to(torch.int64) & 0xFFFFFFFF  # the word's 32 bits, unsigned
-        bit = torch.arange(cols, dtype=torch.int64) * bits
-        word, offset = bit // 32, bit % 32
-        lo = u[:, word] >> offset
-        hi = u[:, torch.clamp(word + 1, max=words - 1)] << (32 - offset)
-        values = torch.where(offset + bits > 32, lo | hi, lo) & mask
-    return values.to(torch.int32) - (1 << (bits - 1))
+    if 8 % bits == 0 and sys.byteorder == "little":  # int4, int8, int2: read the words as their bytes
+        raw = packed.contiguous().view(torch.uint8)  # [rows, 4 * words], least significant byte first
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8)
+        return ((raw[:, :, None] >> shifts) & mask).reshape(rows, -1)[:, :cols]
+    u = packed.to(torch.int64) & 0xFFFFFFFF  # the word's 32 bits, unsigned
+    bit = torch.arange(cols, dtype=torch.int64) * bits
+    word, offset = bit // 32, bit % 32
+    lo = u[:, word] >> offset
+    hi = u[:, torch.clamp(word + 1, max=words - 1)] << (32 - offset)  # a value split across two words
+    return (torch.where(offset + bits > 32, lo | hi, lo) & mask).to(torch.int32)
 
 
 def dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -66,6 +67,7 @@ def dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, shape: tuple[in
         raise ValueError(f"{packed.shape[1]} int32 words per row hold no whole bit width for {cols} values")
     if scale.ndim != 2 or scale.shape[0] != rows or cols % scale.shape[1]:
         raise ValueError(f"scales {list(scale.shape)} do not divide a {rows}x{cols} weight into groups")
-    group = cols // scale.shape[1]
-    q = unpack_int32(packed, bits, cols).float()
-    return q * scale.float().repeat_interleave(group, dim=1)
+    groups = scale.shape[1]
+    q = unpack_int32(packed, bits, cols).reshape(rows, groups, cols // groups).float()
+    q -= 1 << (bits - 1)
+    return (q * scale.float()[:, :, None]).reshape(rows, cols)
