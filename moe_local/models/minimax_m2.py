@@ -1,4 +1,4 @@
-"""MiniMax-M2 (230B-A10B; also M2.1 / M2.5, same architecture): GQA attention with RMS q/k norms over
+"""MiniMax-M2 (230B-A10B; M2.1 has the same architecture): GQA attention with RMS q/k norms over
 the whole projection and partial rotary, every layer MoE, sigmoid routing with a correction bias, no
 shared expert.
 
