@@ -218,6 +218,10 @@ class ResidentExperts:
     ) -> None:
         self.act = activation(act)
         self.experts: dict[tuple[int, int], ExpertWeights] = {}
+        # A source with checksums (a pack) checks each expert's bytes on its first use, so resident
+        # experts are as protected as the ones the cache reads; loading itself stays lazy (no bytes read).
+        self._verify: Callable[[int, int], None] | None = getattr(source, "verify_expert", None)
+        self._verified: set[tuple[int, int]] = set()
         for layer in source.moe_layers:
             for e in range(source.num_experts):
                 self.experts[(layer, e)] = source.load(layer, e).to(device, dtype)
@@ -225,7 +229,13 @@ class ResidentExperts:
                     progress(1)
 
     def forward(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return combine_experts(x, ids, weights, lambda e: self.experts[(layer, e)], self.act)
+        return combine_experts(x, ids, weights, lambda e: self._fetch(layer, e), self.act)
+
+    def _fetch(self, layer: int, e: int) -> ExpertWeights:
+        if self._verify is not None and (layer, e) not in self._verified:
+            self._verify(layer, e)  # raises CheckpointError naming the file, layer and expert
+            self._verified.add((layer, e))
+        return self.experts[(layer, e)]
 
     def nbytes(self) -> int:
         return sum(w.nbytes() for w in self.experts.values())

@@ -21,7 +21,7 @@ from moe_local.cache.simulate import future_from_trace
 from moe_local.cache.tiered import MISS_MODES, TieredExperts
 from moe_local.cache.trace import TraceRecorder
 from moe_local.errors import MoeLocalError
-from moe_local.units import parse_size
+from moe_local.units import format_bytes, parse_size
 
 
 @dataclass
@@ -50,12 +50,31 @@ class CacheOptions:
         if self.policy == "belady" and self.future is None and self.belady_trace is None:
             raise MoeLocalError("--policy belady needs the routing trace of the same run (--belady-trace FILE)")
         parse_size(self.gpu_mem, "--gpu-mem")
-        parse_size(self.ram, "--ram")
+        check_ram(parse_size(self.ram, "--ram"))
 
     def report_dict(self) -> dict:
         return {"gpu_mem": parse_size(self.gpu_mem, "--gpu-mem"), "ram": parse_size(self.ram, "--ram"),
                 "policy": self.policy, "prefetch_depth": self.prefetch_depth,
                 "prefetch_extra": self.prefetch_extra, "miss": self.miss}
+
+
+def check_ram(ram: int | None) -> None:
+    """A --ram the machine does not have is a mistake (a typo'd unit), not a budget: refuse it."""
+    import psutil
+
+    total = psutil.virtual_memory().total
+    if ram is not None and ram > total:
+        raise MoeLocalError(f"--ram {format_bytes(ram)} is more than this machine's physical memory "
+                            f"({format_bytes(total)})")
+
+
+def check_gpu_mem(gpu_mem: int | None, device: torch.device) -> None:
+    """Likewise for --gpu-mem against the card's total memory."""
+    if gpu_mem is None:
+        return
+    total = torch.cuda.get_device_properties(device).total_memory
+    if gpu_mem > total:
+        raise MoeLocalError(f"--gpu-mem {format_bytes(gpu_mem)} is more than {device}'s memory ({format_bytes(total)})")
 
 
 def as_bytes_source(source):
@@ -73,6 +92,8 @@ def build_tiered(options: CacheOptions, source, model, device: torch.device, dty
     top_k = int(args.num_experts_per_tok)
     cuda = device.type == "cuda"
     gpu_budget = parse_size(options.gpu_mem, "--gpu-mem")
+    if cuda:
+        check_gpu_mem(gpu_budget, device)
     if cuda and gpu_budget is None:
         gpu_budget = default_gpu_budget(device)
     ram_budget = parse_size(options.ram, "--ram")

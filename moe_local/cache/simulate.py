@@ -308,7 +308,7 @@ def parse_sizes(spec: str, trace: Trace) -> list[int]:
         m = _SIZE.match(part)
         if not m:
             raise MoeLocalError(
-                f"bad cache size {part.strip()!r}: use slots (32), a share (25%) or per layer (16/layer)"
+                f"--sizes: bad cache size {part.strip()!r}: use slots (32), a share (25%) or per layer (16/layer)"
             )
         value, unit = float(m.group(1)), m.group(2)
         if unit == "%":
@@ -317,7 +317,7 @@ def parse_sizes(spec: str, trace: Trace) -> list[int]:
             slots = round(value) * n
         else:
             if value != int(value):
-                raise MoeLocalError(f"bad cache size {part.strip()!r}: slot counts are whole numbers")
+                raise MoeLocalError(f"--sizes: bad cache size {part.strip()!r}: slot counts are whole numbers")
             slots = int(value)
         if slots < 1:
             raise MoeLocalError(f"cache size {part.strip()!r} is less than one slot")

@@ -248,6 +248,15 @@ def read_trace(path: str | Path) -> Trace:
     path = Path(path)
     if not path.is_file():
         raise MoeLocalError("trace file not found" if not path.exists() else "not a file", path)
+    try:
+        return _read_trace(path)
+    except UnicodeDecodeError:
+        raise MoeLocalError("not a text file; expected a moe-local trace (JSON lines)", path) from None
+    except OSError as exc:
+        raise MoeLocalError(f"cannot read the trace: {exc.strerror}", path) from None
+
+
+def _read_trace(path: Path) -> Trace:
     with open(path, encoding="utf-8") as fh:
         first = fh.readline()
         if not first.strip():

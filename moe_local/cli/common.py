@@ -26,7 +26,8 @@ def fail(message: str, code: int = 1) -> "typer.Exit":
 
 
 def user_errors(fn: F) -> F:
-    """Turn MoeLocalError (and a few OS errors a user causes) into one line + exit 1, never a traceback."""
+    """Turn MoeLocalError (and OS errors: read-only folder, full disk, permissions) into one line + exit 1,
+    never a traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -34,8 +35,9 @@ def user_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except MoeLocalError as exc:
             raise fail(str(exc)) from None
-        except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
-            raise fail(f"{exc.filename}: {exc.strerror}") from None
+        except OSError as exc:  # read-only folder, full disk, permissions: what the OS said, about which file
+            where = f"{exc.filename}: " if exc.filename else ""
+            raise fail(f"{where}{exc.strerror or exc}") from None
         except KeyboardInterrupt:
             err.print("interrupted")
             sys.exit(130)

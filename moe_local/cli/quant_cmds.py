@@ -132,9 +132,12 @@ def eval_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Perplexity on a token file; with --reference, KL(reference || model) and top-1 agreement."""
-    from moe_local.runtime.evaluate import evaluate, load_token_ids, windows
-    from moe_local.runtime.loader import load_model
+    from moe_local.runtime.evaluate import check_eval_options, evaluate, load_token_ids, windows
+    from moe_local.runtime.loader import load_model, resolve_device, resolve_dtype
 
+    check_eval_options(window, max_tokens)
+    resolve_dtype(dtype)
+    resolve_device(device)
     lm = load_model(model, device=device, dtype=dtype)
     ref = load_model(reference, device=device, dtype=dtype) if reference else None
     ids = load_token_ids(tokens, max_tokens, lm.config.get("vocab_size"))

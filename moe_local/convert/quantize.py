@@ -35,7 +35,8 @@ from moe_local.loading.hub import resolve_model_dir
 from moe_local.models import build_model, checkpoint_experts, weight_refs
 from moe_local.models.base import CausalLM
 from moe_local.formats.pack import (ALIGN, BIAS, COPIED_FILES, DENSE_FILE, EXPERT_FILE, FORMAT, MANIFEST,
-                                    MINOR_VERSION, PROJECTIONS, VERSION, Pack, PackedExpertLayout, SafetensorsPlan, SafetensorsWriter, crc32,
+                                    MINOR_VERSION, PAD_PREFIX, PROJECTIONS, VERSION, Pack, PackedExpertLayout,
+                                    SafetensorsPlan, SafetensorsWriter, crc32,
                                     dense_part_name, expert_tensor_name, is_pack, numel, pack_size, plan_expert_layout,
                                     tensor_bytes)
 from moe_local.formats.schemes import PackedWeight
@@ -326,23 +327,32 @@ def _check_out(src: Path, out: Path, force: bool) -> None:
             raise MoeLocalError("exists and is not a moe-local pack; refusing to replace it even with --force", out)
 
 
-def _write_dense(plan: Plan, tmp: Path, progress: QuantizeProgress, mem: AnonPeak) -> None:
+def _write_dense(plan: Plan, tmp: Path, progress: QuantizeProgress, mem: AnonPeak) -> dict[str, int]:
+    """Write the non-expert tensors; returns each stored tensor's CRC-32 (the manifest's dense checksums)."""
     writer = SafetensorsWriter(tmp / DENSE_FILE, plan.dense_plan, {"format": "pt", "moe_local": "pack-dense"})
     offsets = {e.name: e.offset for e in plan.dense_plan.entries}
+    checksums: dict[str, int] = {}
+
+    def put(stored: str, tensor: torch.Tensor) -> None:
+        data = tensor_bytes(tensor)
+        checksums[stored] = crc32(data)
+        writer.write_at(offsets[stored], data)
+
     try:
         for item in plan.dense:
             t = plan.ckpt.get(item.name, shape=item.shape)
             if item.scheme is None:
-                writer.write_at(offsets[item.name], tensor_bytes(t.to(item.out_dtype)))
+                put(item.name, t.to(item.out_dtype))
             else:
                 packed = _quantize(item.scheme, t, None, item.name)
                 for part, p in packed.items():
-                    writer.write_at(offsets[dense_part_name(item.name, part)], tensor_bytes(p))
+                    put(dense_part_name(item.name, part), p)
             mem.sample()
             progress.advance("quantizing", item.source_bytes, done=1)
     finally:
         writer.close()
     _release_source(plan)
+    return checksums
 
 
 def _release_source(plan: Plan) -> None:
@@ -483,7 +493,10 @@ def quantize(
     progress = progress or _Silent()
 
     calibration = None
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MoeLocalError(f"cannot create the folder for the pack: {exc.strerror or exc}", out.parent) from None
     _remove_stale_partials(out)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     if tmp.exists():
@@ -501,13 +514,17 @@ def quantize(
         progress.begin("quantizing", plan.source_bytes, n_tensors, "tensors")
         t0 = time.perf_counter()
         mem = AnonPeak()
-        _write_dense(plan, tmp, progress, mem)
+        dense_crc = _write_dense(plan, tmp, progress, mem)
         ranges = _write_experts(plan, tmp, calibration, progress, mem)
         seconds = time.perf_counter() - t0
-        manifest = _manifest(plan, str(src_ref), src, ranges, calibration)
+        manifest = _manifest(plan, str(src_ref), src, ranges, calibration, dense_crc=dense_crc)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
         _verify(tmp, progress)
         _install(tmp, out)
+    except OSError as exc:  # read-only folder, full disk, quota: one line about OUT, nothing left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise MoeLocalError(f"cannot write the pack: {exc.strerror or exc} ({exc.filename or tmp}); "
+                            f"nothing was left behind", out) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -537,11 +554,13 @@ def _manifest_estimate(plan: Plan, ref: str) -> int:
          "crc32": 0xFFFFFFFF, "layout": plan.layout_of[layer]}
         for (layer, e), (fidx, start) in plan.placement.items()
     ]
-    manifest = _manifest(plan, ref, plan.src, ranges, None, hash_files=False)
+    widest = {e.name: 0xFFFFFFFF for e in plan.dense_plan.entries if not e.name.startswith(PAD_PREFIX)}
+    manifest = _manifest(plan, ref, plan.src, ranges, None, hash_files=False, dense_crc=widest)
     return len((json.dumps(manifest, indent=1) + "\n").encode("utf-8"))
 
 
-def _manifest(plan: Plan, ref: str, src: Path, ranges: list[dict], calibration, hash_files: bool = True) -> dict:
+def _manifest(plan: Plan, ref: str, src: Path, ranges: list[dict], calibration, hash_files: bool = True,
+              dense_crc: dict[str, int] | None = None) -> dict:
     dense_quantized = {
         d.name: {
             "scheme": d.scheme.name, "params": d.scheme.params, "shape": list(d.shape),
@@ -566,6 +585,7 @@ def _manifest(plan: Plan, ref: str, src: Path, ranges: list[dict], calibration, 
             "scheme": plan.recipe.dense,
             "params": {} if not dense_quantized else next(iter(dense_quantized.values()))["params"],
             "quantized": dense_quantized,
+            "checksums": dict(dense_crc or {}),  # stored tensor -> CRC-32, checked when it is read
         },
         "experts": {
             "moe_layers": plan.moe_layers,

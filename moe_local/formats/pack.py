@@ -377,6 +377,8 @@ class Pack:
         self.dense_path = self.root / dense["file"]
         self.dense_scheme = {"scheme": dense["scheme"], "params": dict(dense.get("params", {}))}
         self._quantized: dict[str, dict] = dict(dense.get("quantized", {}))
+        # stored tensor -> CRC-32 of its bytes; packs written before checksums covered dense weights have none
+        self._dense_crc: dict[str, int] = {str(k): int(v) for k, v in dict(dense.get("checksums", {})).items()}
         _, header = read_st_header(self.dense_path)
         self._dense = self._safe_open(self.dense_path)
         stored = [k for k in header if k != "__metadata__" and not k.startswith(PAD_PREFIX)]
@@ -471,12 +473,24 @@ class Pack:
         if name in self._quantized:
             q = self._quantized[name]
             scheme = self._scheme(q["scheme"], q.get("params", {}))
-            packed = {part: self._dense.get_tensor(stored) for part, stored in q["parts"].items()}
+            packed = {part: self._dense_tensor(stored) for part, stored in q["parts"].items()}
             tensor = scheme.dequantize(packed, tuple(q["shape"]))
         else:
-            tensor = self._dense.get_tensor(name)
+            tensor = self._dense_tensor(name)
         if shape is not None:
             check_shape(name, tuple(tensor.shape), shape, self.dense_path)
+        return tensor
+
+    def _dense_tensor(self, stored: str) -> torch.Tensor:
+        """A stored non-expert tensor, its bytes checked against the manifest's CRC-32 (when it has one)."""
+        tensor = self._dense.get_tensor(stored)
+        want = self._dense_crc.get(stored)
+        if want is not None:
+            got = crc32(tensor_bytes(tensor))
+            if got != want:
+                raise CheckpointError(
+                    f"tensor {stored!r}: checksum mismatch (crc32 {got:08x}, manifest {want:08x}); the pack is "
+                    f"corrupt, quantize it again", self.dense_path)
         return tensor
 
     # ----------------------------------------------------------------- expert API
@@ -553,6 +567,8 @@ class Pack:
         return ExpertWeights(projs["gate"], projs["up"], projs["down"], biases["gate"], biases["up"], biases["down"])
 
     def load(self, layer: int, expert: int) -> ExpertWeights:
+        """The expert's weights viewing the memory map in place (nothing read yet: pages come in on
+        first use, which is when `ResidentExperts` calls `verify_expert`)."""
         return self.decode(self.view(layer, expert), layer, expert)
 
     # ----------------------------------------------------------------- description (for `inspect`)

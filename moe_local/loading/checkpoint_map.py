@@ -64,6 +64,13 @@ class CheckpointMap:
             param = param.replace(ours, theirs)
         return param
 
+    def our_name(self, name: str) -> str:
+        """The inverse of `checkpoint_name`: a checkpoint tensor's name in our parameter naming."""
+        for ours, theirs in self.renames:
+            if name.startswith(theirs):
+                return ours + name[len(theirs):]
+        return name
+
     def keeps_fp32(self, param: str) -> bool:
         return any(param == k or param.endswith("." + k) for k in self.keep_fp32)
 
@@ -95,7 +102,7 @@ class CheckpointMap:
     def is_ignored(self, name: str, num_layers: int) -> bool:
         """A checkpoint tensor this family never reads on purpose."""
         if self.ignore_extra_layers:
-            m = _LAYER.match(name)
+            m = _LAYER.match(self.our_name(name))
             if m and int(m.group(1)) >= num_layers:
                 return True
         return any(re.match(pattern, name) for pattern in self.ignored)

@@ -32,6 +32,9 @@ family inherits from `CausalLM`.
 
 from __future__ import annotations
 
+import math
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, ClassVar, Sequence
 
@@ -44,6 +47,74 @@ from moe_local.models.layers import ExpertsHandle, RMSNorm, Rope, RopeConfig, Ro
 from moe_local.models.lookahead import RouterLookahead
 
 Tap = Callable[[str, torch.Tensor], None]  # (site, normed hidden state) inside one decoder layer
+
+
+def _accepts(value: Any, hint: Any) -> tuple[bool, Any]:
+    """Whether a JSON value fits a field's type hint, and the value to store (integral floats -> int)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        for arm in typing.get_args(hint):
+            ok, out = _accepts(value, arm)
+            if ok:
+                return True, out
+        return False, value
+    if hint is type(None):
+        return value is None, value
+    if hint is Any:
+        return True, value
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        if isinstance(value, float) and not isinstance(value, bool) and value.is_integer():
+            return True, int(value)  # 4096.0 means 4096
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool), value
+    if hint is str:
+        return isinstance(value, str), value
+    if origin is list or hint is list:
+        if not isinstance(value, list):
+            return False, value
+        (item,) = typing.get_args(hint) or (Any,)
+        checked = [_accepts(v, item) for v in value]
+        return all(ok for ok, _ in checked), [v for _, v in checked]
+    if origin is dict or hint is dict:
+        return isinstance(value, dict), value
+    return True, value
+
+
+def _type_words(hint: Any) -> str:
+    """A type hint in the words an error message uses ("an integer or null")."""
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    arms = typing.get_args(hint) if union else (hint,)
+    words = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "an object",
+             type(None): "null"}
+    return " or ".join(words.get(a) or words.get(typing.get_origin(a)) or "a list" for a in arms)
+
+
+def check_config_value(key: str, value: Any, hint: Any, positive: bool = False) -> Any:
+    """One config.json value against its field's type and range; returns the value to store."""
+    ok, value = _accepts(value, hint)
+    if not ok:
+        raise ConfigError(f"config.json: {key} must be {_type_words(hint)}, got {json_repr(value)}")
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"config.json: {key} must be a finite number, got {value}")
+    if isinstance(value, float) and positive and value <= 0:
+        raise ConfigError(f"config.json: {key} must be > 0, got {value}")
+    if isinstance(value, int) and value < (1 if positive else 0):
+        raise ConfigError(f"config.json: {key} must be {'>= 1' if positive else '>= 0'}, got {value}")
+    if isinstance(value, list):
+        for v in value:
+            if isinstance(v, int) and not isinstance(v, bool) and v < 0:
+                raise ConfigError(f"config.json: {key} must hold values >= 0, got {v}")
+    return value
+
+
+def json_repr(value: Any) -> str:
+    text = repr(value) if not isinstance(value, str) else '"' + value + '"'
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 @dataclass
@@ -78,20 +149,50 @@ class ModelArgs:
         "intermediate_size",
     )
 
+    # keys that must be >= 1 (integers) or > 0 (numbers) when present; every other integer must be >= 0
+    positive: ClassVar[tuple[str, ...]] = (
+        "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+        "max_position_embeddings", "head_dim", "num_experts", "num_experts_per_tok", "rms_norm_eps",
+    )
+    # every family here routes: a config without these would run with zero experts or top-k 0
+    required_moe: ClassVar[tuple[str, ...]] = ("num_experts", "num_experts_per_tok")
+
     @classmethod
     def from_config(cls, cfg: dict) -> "ModelArgs":
+        """Read and check config.json once: a missing key, a wrong type or an out-of-range value is a
+        ConfigError naming the key as config.json spells it (never a silent default, never a crash later)."""
         values: dict[str, Any] = {}
+        spelled: dict[str, str] = {}  # field -> the config.json key it came from (aliases differ)
         names = {f.name for f in fields(cls)}
         for key, value in cfg.items():
             name = cls.aliases.get(key, key)
             if name in names and name != "raw":
                 values[name] = value
+                spelled[name] = key
         missing = [k for k in cls.required if values.get(k) is None]
         if missing:
             raise ConfigError(f"config.json lacks required keys {missing} for model_type {cfg.get('model_type')!r}")
-        values.setdefault("num_key_value_heads", cfg.get("num_attention_heads"))
+        key_of = {v: k for k, v in cls.aliases.items()}
+        absent = [spelled.get(k) or key_of.get(k, k) for k in cls.required_moe if values.get(k) is None]
+        if absent:
+            raise ConfigError(f"config.json lacks required key {absent[0]!r} for model_type {cfg.get('model_type')!r} "
+                              f"(a Mixture-of-Experts model needs its expert count and top-k)")
         if values.get("num_key_value_heads") is None:
-            values["num_key_value_heads"] = cfg["num_attention_heads"]
+            values["num_key_value_heads"] = values["num_attention_heads"]
+        hints = typing.get_type_hints(cls)
+        for name, value in list(values.items()):
+            values[name] = check_config_value(spelled.get(name, name), value, hints[name], name in cls.positive)
+        heads, kv_heads = values["num_attention_heads"], values["num_key_value_heads"]
+        if heads % kv_heads:
+            raise ConfigError(f"config.json: num_attention_heads={heads} is not a multiple of "
+                              f"num_key_value_heads={kv_heads}")
+        if values.get("head_dim") is None and values["hidden_size"] % heads:
+            raise ConfigError(f"config.json: hidden_size={values['hidden_size']} is not a multiple of "
+                              f"num_attention_heads={heads} (and no head_dim is given)")
+        top_k, n_experts = values["num_experts_per_tok"], values["num_experts"]
+        if top_k > n_experts:
+            raise ConfigError(f"config.json: num_experts_per_tok={top_k} is more than the "
+                              f"{n_experts} experts of a layer ({spelled.get('num_experts', 'num_experts')})")
         args = cls(raw=cfg, **values)
         args.__post_init_args__()
         return args
@@ -119,6 +220,21 @@ class ModelArgs:
     def expert_params(self) -> int:
         """Parameters of one routed expert (gate, up, down; families with expert biases add them)."""
         return 3 * self.hidden_size * self.moe_intermediate_size
+
+
+def text_model_config(cfg: dict) -> dict | None:
+    """The text model's keys of a multimodal config.json (Qwen3.5-MoE, Kimi-K2.5: `text_config` beside a
+    `vision_config`), as one flat config of the outer `model_type`; None for a text-only config.
+
+    The top-level `tie_word_embeddings` wins over the text config's: it is the one transformers ties by."""
+    text = cfg.get("text_config")
+    if not isinstance(text, dict):
+        return None
+    merged = {k: v for k, v in text.items() if k != "multimodal"}
+    merged["model_type"] = cfg.get("model_type")
+    if "tie_word_embeddings" in cfg:
+        merged["tie_word_embeddings"] = cfg["tie_word_embeddings"]
+    return merged
 
 
 class DecoderLayer(nn.Module):
@@ -295,3 +411,25 @@ class CausalLM(nn.Module):
         if last_only:
             x = x[-1:]
         return self.lm_head(self.model.norm(x)).float()
+
+    @torch.inference_mode()
+    def locate_nonfinite(self, tokens: torch.Tensor, start: int = 0) -> str | None:
+        """Run `tokens` again and name the first module whose output holds NaN or Inf (None: all finite).
+
+        Called only after the logits of a step were found non-finite, so the normal forward pays one
+        check per token instead of one per layer. Rewrites the same cache positions the failed step
+        wrote (a recurrent state advances again: the caller discards its cached sequence)."""
+        rope = self.rope(start, tokens.shape[0])
+        x = self.model.embed_tokens(tokens)
+        if not torch.isfinite(x).all():
+            return "the token embeddings (model.embed_tokens)"
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, start, rope, self._taps.get(i))
+            if not torch.isfinite(x).all():
+                return f"layer {i} (model.layers.{i})"
+        x = self.model.norm(x)
+        if not torch.isfinite(x).all():
+            return "the final norm (model.norm)"
+        if not torch.isfinite(self.lm_head(x)).all():
+            return "the LM head (lm_head)"
+        return None

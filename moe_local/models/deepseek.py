@@ -48,9 +48,14 @@ class DeepseekV2Args(ModelArgs):
     mlp_bias: bool = False
     num_nextn_predict_layers: int = 0
     aliases: ClassVar[dict[str, str]] = {"n_routed_experts": "num_experts"}
+    positive: ClassVar[tuple[str, ...]] = ModelArgs.positive + (
+        "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_group", "topk_group",
+        "routed_scaling_factor")
 
     def __post_init_args__(self) -> None:
         super().__post_init_args__()
+        if self.n_group and self.topk_group and self.topk_group > self.n_group:
+            raise ConfigError(f"config.json: topk_group={self.topk_group} is more than n_group={self.n_group}")
         self.num_experts = self.num_experts or 0
         self.moe_layer_freq = self.moe_layer_freq or 1
         if self.mlp_bias:

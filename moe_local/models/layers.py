@@ -148,6 +148,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
+def apply_partial_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Partial rotary (GLM-4.5's, MiniMax-M2's `partial_rotary_factor`): rotate the first r = cos.shape[-1]
+    dims of each head (rotate_half within them), pass the rest through; r = d is plain `apply_rope`."""
+    r = cos.shape[-1]
+    if r == x.shape[-1]:
+        return apply_rope(x, cos, sin)
+    return torch.cat([apply_rope(x[..., :r], cos, sin), x[..., r:]], dim=-1)
+
+
 def attention_mask(start: int, length: int, device: torch.device, window: int | None = None) -> torch.Tensor | None:
     """Boolean [length, start+length]: query i (at position start+i) may see key j.
 
@@ -279,8 +288,8 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(0, 1), k.transpose(0, 1)
         v = v.view(T, o.kv_heads, o.head_dim).transpose(0, 1)
-        cos, sin = rope
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        cos, sin = rope  # narrower than head_dim under partial rotary (the family's rope_config says so)
+        q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
         assert self.cache is not None, "call model.setup_cache() first"
         k, v = self.cache.update(start, k, v)
         mask = attention_mask(start, T, x.device, o.sliding_window)

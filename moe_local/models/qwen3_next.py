@@ -48,6 +48,10 @@ class Qwen3NextArgs(ModelArgs):
     partial_rotary_factor: float | None = None
     norm_topk_prob: bool = True
 
+    positive: ClassVar[tuple[str, ...]] = ModelArgs.positive + (
+        "linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim", "linear_num_key_heads",
+        "linear_num_value_heads", "partial_rotary_factor")
+
     def __post_init_args__(self) -> None:
         super().__post_init_args__()
         self.mlp_only_layers = list(self.mlp_only_layers or [])

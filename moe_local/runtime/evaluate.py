@@ -95,13 +95,26 @@ def load_token_ids(path: str | Path, max_tokens: int | None = None, vocab_size: 
     return ids
 
 
+def check_eval_options(window: int, max_tokens: int | None) -> None:
+    """Refuse counts that cannot score anything before a model is loaded, naming the flag."""
+    if window < 2:
+        raise MoeLocalError(f"--window must be at least 2, got {window}")
+    if max_tokens is not None and max_tokens < 2:
+        raise MoeLocalError(f"--max-tokens must be at least 2 (one id predicts the next), got {max_tokens}")
+
+
 def windows(n: int, window: int) -> list[tuple[int, int]]:
     """Consecutive [start, end) windows; a trailing window of one token scores nothing and is dropped."""
     return [(s, min(s + window, n)) for s in range(0, n, window) if min(s + window, n) - s >= 2]
 
 
 def _logits(lm, ids: torch.Tensor) -> torch.Tensor:
-    return lm.model(ids.to(lm.device), 0).float().cpu()
+    logits = lm.model(ids.to(lm.device), 0).float().cpu()
+    if not bool(torch.isfinite(logits).all()):  # a NaN perplexity is not a result: name where it came from
+        where = lm.model.locate_nonfinite(ids.to(lm.device), 0) or "the logits"
+        raise MoeLocalError(f"non-finite values (NaN or Inf) first appear in the output of {where}: the weights "
+                            f"in {lm.root} hold NaN/Inf or overflow in {str(lm.dtype).removeprefix('torch.')}")
+    return logits
 
 
 @torch.inference_mode()

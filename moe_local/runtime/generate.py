@@ -246,8 +246,21 @@ class Generator:
             logits = self.model(tokens, start, last_only=True)
         finally:  # even interrupted, only positions >= start were touched: the prefix stays ours
             self._seen = self.model.kv_version
+        row = logits[-1]
+        if not bool(torch.isfinite(row).all()):  # one check per step: NaN weights must not pass as an EOS
+            raise self._nonfinite(tokens, start)
         self._cached += ids  # in place: a decode step must not copy the whole history
-        return logits[-1]
+        return row
+
+    def _nonfinite(self, tokens: torch.Tensor, start: int) -> GenerationError:
+        """The error for a step whose logits hold NaN/Inf, naming the first layer that produced them."""
+        where = self.model.locate_nonfinite(tokens, start) or "the logits"
+        self._cached = []  # the diagnosis re-ran the step: nothing in the cache is trusted any more
+        dtype = str(self.lm.dtype).removeprefix("torch.")
+        hint = "" if self.lm.dtype == torch.float32 else f" or overflow in {dtype} (try --dtype float32)"
+        return GenerationError(
+            f"non-finite values (NaN or Inf) first appear in the output of {where} at position {start}: "
+            f"the weights in {self.lm.root} hold NaN/Inf{hint}")
 
     def _run(self, stream: GenerationStream, prompt: list[int], options: GenerateOptions,
              sampler: Sampler) -> Iterator[TokenEvent]:

@@ -126,7 +126,7 @@ def build_model_for(config: dict, root: Path) -> CausalLM:
     except ConfigError as exc:
         if exc.path is not None:
             raise
-        raise ConfigError(str(exc), root / "config.json") from None
+        raise ConfigError(str(exc).removeprefix("config.json: "), root / "config.json") from None
 
 
 def load_model(

@@ -8,6 +8,7 @@ the same seed gives the same tokens.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -27,6 +28,10 @@ class SamplingOptions:
     seed: int | None = None
 
     def validate(self) -> None:
+        for flag, value in (("--temperature", self.temperature), ("--top-p", self.top_p), ("--min-p", self.min_p),
+                            ("--repeat-penalty", self.repeat_penalty)):
+            if not math.isfinite(value):  # nan slips through every comparison below
+                raise GenerationError(f"{flag} must be a finite number, got {value}")
         if self.temperature < 0:
             raise GenerationError(f"--temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:
@@ -37,6 +42,8 @@ class SamplingOptions:
             raise GenerationError(f"--min-p must be in [0, 1], got {self.min_p}")
         if self.repeat_penalty <= 0:
             raise GenerationError(f"--repeat-penalty must be > 0, got {self.repeat_penalty}")
+        if self.repeat_last_n < -1:
+            raise GenerationError(f"--repeat-last-n must be >= -1 (-1 = all), got {self.repeat_last_n}")
 
     @property
     def greedy(self) -> bool:
