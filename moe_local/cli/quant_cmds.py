@@ -28,7 +28,7 @@ def quantize_cmd(
     src: Annotated[str, typer.Argument(metavar="SRC", help="Hugging Face checkpoint folder, hub id, or DeepSeek-V3 FP8 checkpoint.")],
     out_dir: Annotated[Path, typer.Argument(metavar="OUT", help="Folder to create the pack in.")],
     scheme: Annotated[str, typer.Option("--scheme", "-s",
-                                        help="bf16|int8|int4|nf4|ternary|ternary-absmean or a recipe (ds-dynamic-1.58, ds-dynamic-2.2).")] = "int4",
+                                        help="bf16|int8|int4|nf4|mxfp4|ternary|ternary-absmean or a recipe (ds-dynamic-1.58, ds-dynamic-2.2); mxfp4 keeps an MXFP4 checkpoint's codes as they are.")] = "int4",
     group_size: Annotated[Optional[int], typer.Option("--group-size", "-g", help="Group size for grouped schemes.")] = None,
     keep: Annotated[Optional[list[str]], typer.Option("--keep", help="PROJ=SCHEME, e.g. down_proj=int8 (repeatable).")] = None,
     layers: Annotated[Optional[list[str]], typer.Option("--layers", help="A-B=SCHEME, e.g. 0-2=int8 (repeatable).")] = None,

@@ -34,10 +34,12 @@ from moe_local.loading.hf_experts import CheckpointExperts
 from moe_local.loading.hub import resolve_model_dir
 from moe_local.models import build_model, checkpoint_experts, weight_refs
 from moe_local.models.base import CausalLM
-from moe_local.formats.pack import (ALIGN, COPIED_FILES, DENSE_FILE, EXPERT_FILE, FORMAT, MANIFEST, PAD_PREFIX,
-                                    PROJECTIONS, VERSION, Pack, PackedExpertLayout, SafetensorsPlan, SafetensorsWriter, crc32,
+from moe_local.formats.pack import (ALIGN, BIAS, COPIED_FILES, DENSE_FILE, EXPERT_FILE, FORMAT, MANIFEST,
+                                    MINOR_VERSION, PAD_PREFIX, PROJECTIONS, VERSION, Pack, PackedExpertLayout,
+                                    SafetensorsPlan, SafetensorsWriter, crc32,
                                     dense_part_name, expert_tensor_name, is_pack, numel, pack_size, plan_expert_layout,
                                     tensor_bytes)
+from moe_local.formats.schemes import PackedWeight
 from moe_local.convert.calibration import calibrate
 from moe_local.convert.recipes import Recipe, SchemeSpec, dense_spec
 
@@ -108,7 +110,7 @@ def _float_dtype(st: str) -> torch.dtype:
 
 
 def _is_router(name: str, shape: tuple[int, ...], num_experts: int) -> bool:
-    return len(shape) == 2 and shape[0] == num_experts and name.endswith("gate.weight")
+    return len(shape) == 2 and shape[0] == num_experts and name.endswith(("gate.weight", "router.weight"))
 
 
 def make_plan(src: Path, recipe: Recipe, shard_bytes: int = SHARD_BYTES) -> Plan:
@@ -136,7 +138,7 @@ def make_plan(src: Path, recipe: Recipe, shard_bytes: int = SHARD_BYTES) -> Plan
             if spec not in schemes:
                 schemes[spec] = spec.build()
             per_proj[proj] = schemes[spec]
-        layout = plan_expert_layout(per_proj, shapes)
+        layout = plan_expert_layout(per_proj, shapes, biases=model.checkpoint_map.expert_biases is not None)
         key = json.dumps(layout.to_json(), sort_keys=True)
         if key not in by_json:
             by_json[key] = str(layer)
@@ -363,7 +365,13 @@ def _release_source(plan: Plan) -> None:
     plan.ckpt.release()
 
 
-def _quantize(scheme, w: torch.Tensor, importance: torch.Tensor | None, name: str) -> dict[str, torch.Tensor]:
+def _quantize(scheme, w, importance: torch.Tensor | None, name: str) -> dict[str, torch.Tensor]:
+    """The packed tensors of `w` in `scheme`. A source weight already packed in that very scheme
+    (gpt-oss's MXFP4 codes) is kept byte for byte; one packed otherwise is dequantized first."""
+    if isinstance(w, PackedWeight):
+        if w.scheme == scheme:
+            return {k: v.contiguous() for k, v in w.packed.items()}
+        w = w.dequantize()
     try:
         return scheme.quantize(w.float(), importance=importance)
     except MoeLocalError as exc:
@@ -390,6 +398,11 @@ def _write_experts(plan: Plan, tmp: Path, calibration, progress: QuantizeProgres
                     name = f"{names[0 if i < 2 else 1]}[{e}]" if fused else names[i]
                     imp = calibration.importance(layer, e, proj) if calibration is not None else None
                     packed = _quantize(plan.schemes[plan.specs[(layer, proj)]], getattr(w, proj), imp, name)
+                    bias = getattr(w, f"{proj}_bias")
+                    if any(t.name == BIAS for t in p.tensors):
+                        if bias is None:
+                            raise MoeLocalError(f"{name}: the checkpoint has no bias for this expert's {proj}")
+                        packed = {**packed, BIAS: bias.float()}
                     for t in p.tensors:
                         got = packed.get(t.name)
                         if got is None or got.dtype != t.dtype or tuple(got.shape) != t.shape:
@@ -562,6 +575,7 @@ def _manifest(plan: Plan, ref: str, src: Path, ranges: list[dict], calibration, 
     return {
         "format": FORMAT,
         "version": VERSION,
+        "minor_version": MINOR_VERSION,
         "created_by": f"moe-local {__version__}",
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "source": _source_info(ref, src, plan, hash_files),

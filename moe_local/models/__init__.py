@@ -29,7 +29,9 @@ FAMILIES: dict[str, str] = {
     "qwen3_5_moe_text": "moe_local.models.qwen3_5_moe:Qwen35Moe",  # what transformers saves for the text model
     "glm4_moe": "moe_local.models.glm4_moe:Glm4Moe",
     "kimi_k25": "moe_local.models.kimi_k25:KimiK25",  # the text model of the multimodal checkpoint
+    "kimi_k2": "moe_local.models.kimi_k25:KimiK2",  # Kimi-K2's text-only checkpoints (DeepSeek-V3 exactly)
     "minimax_m2": "moe_local.models.minimax_m2:MiniMaxM2",
+    "deepseek": "moe_local.models.deepseek_moe:DeepseekMoe",  # DeepSeekMoE 16B (hub remote code)
     "gpt_oss": "moe_local.models.gpt_oss:GptOss",
 }
 

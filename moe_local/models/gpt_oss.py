@@ -57,6 +57,7 @@ class GptOssArgs(ModelArgs):
     swiglu_alpha: float = 1.702  # not in the hub configs: transformers' (and OpenAI's) constant
     swiglu_limit: float = 7.0
     aliases: ClassVar[dict[str, str]] = {"num_local_experts": "num_experts"}
+    positive: ClassVar[tuple[str, ...]] = ModelArgs.positive + ("sliding_window", "swiglu_alpha", "swiglu_limit")
 
     def __post_init_args__(self) -> None:
         super().__post_init_args__()
@@ -67,6 +68,10 @@ class GptOssArgs(ModelArgs):
         if len(self.layer_types) != self.num_hidden_layers:
             raise ConfigError(f"config.json: layer_types has {len(self.layer_types)} entries for "
                               f"{self.num_hidden_layers} layers")
+        unknown = sorted(set(self.layer_types) - {"sliding_attention", "full_attention"})
+        if unknown:
+            raise ConfigError(f"config.json: layer_types holds {unknown[0]!r}; gpt-oss layers are "
+                              "'sliding_attention' or 'full_attention'")
 
     def window(self, layer: int) -> int | None:
         return self.sliding_window if self.layer_types[layer] == "sliding_attention" else None

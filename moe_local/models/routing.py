@@ -83,3 +83,20 @@ def deepseek_v3_noaux_tc(top_k: int, n_group: int | None, topk_group: int | None
         return ids, weights * scaling
 
     return rule
+
+
+# --------------------------------------------------------------------------- DeepSeekMoE 16B
+def deepseek_moe_gate(top_k: int, normalize: bool):
+    """DeepSeekMoE's `MoEGate` (hub remote code): softmax over all experts in the activations' dtype
+    (not float32: in bf16 the top-k is taken among bf16 scores, so ties fall as the reference's do),
+    top-k, renormalised (+1e-20) only if `norm_topk_prob` and k > 1; no scaling factor."""
+    renorm = normalize and top_k > 1
+
+    def rule(router, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = F.linear(x, router.weight.to(x.dtype)).softmax(dim=-1)
+        weights, ids = torch.topk(scores, top_k, dim=-1, sorted=False)
+        if renorm:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return ids, weights
+
+    return rule

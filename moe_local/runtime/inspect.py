@@ -103,11 +103,20 @@ def summarize(ref: str | Path, run_dtype: str = "bfloat16") -> ModelSummary:
     expert_tensors = [n for n in experts.tensor_names(a.moe_layers[0], 0) if n in headers] if a.moe_layers else []
     dtype = headers[expert_tensors[0]]["dtype"] if expert_tensors else next(iter(headers.values()))["dtype"]
     per_expert = _expert_params(a)
+    if a.moe_layers and experts.is_mxfp4(a.moe_layers[0]):
+        # gpt-oss's hub experts stay MXFP4 when run (packed weights), so stored bytes = run bytes
+        stored = sum(_tensor_bytes(headers[n]) for n in expert_tensors) // a.num_experts
+        return _summary(model, root, ckpt.config, run_dtype, expert_run_bytes=len(a.moe_layers) * stored,
+                        checkpoint_dtype="MXFP4 experts", checkpoint_bytes=on_disk, bytes_per_expert=stored)
     return _summary(
         model, root, ckpt.config, run_dtype, source=ckpt,
         expert_run_bytes=len(a.moe_layers) * per_expert * DTYPES[run_dtype].itemsize,
         checkpoint_dtype=dtype, checkpoint_bytes=on_disk, bytes_per_expert=per_expert * (BY_SAFETENSORS[dtype].itemsize if dtype in BY_SAFETENSORS else 2),
     )
+
+
+def _tensor_bytes(info: dict) -> int:
+    return int(info["data_offsets"][1]) - int(info["data_offsets"][0])
 
 
 def is_config_only(root: Path) -> bool:

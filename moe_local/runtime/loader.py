@@ -16,6 +16,7 @@ import torch
 from moe_local.cache.options import CacheOptions, provider_factory
 from moe_local.errors import CheckpointError, ConfigError, MoeLocalError
 from moe_local.experts import ExpertProvider, ExpertSource, ResidentExperts
+from moe_local.formats import kernels_cpu
 from moe_local.formats.pack import Pack, is_pack
 from moe_local.loading.checkpoint import Checkpoint
 from moe_local.loading.hub import resolve_model_dir
@@ -28,7 +29,8 @@ ProviderFactory = Callable[[ExpertSource, CausalLM, torch.device, torch.dtype], 
 
 
 def resident_provider(source: ExpertSource, model: CausalLM, device: torch.device, dtype: torch.dtype) -> ExpertProvider:
-    return ResidentExperts(source, act=model.args.expert_act, device=device, dtype=dtype)
+    grouped = kernels_cpu.layer_kernel if device.type == "cpu" else None  # one C call per MoE layer
+    return ResidentExperts(source, act=model.args.expert_act, device=device, dtype=dtype, grouped=grouped)
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
