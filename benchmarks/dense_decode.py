@@ -12,8 +12,9 @@ Columns: resident bytes of the dense weights as held (cache.budget.module_bytes)
 one token reads (every matrix but the embedding table, of which one row is read), decode tok/s as
 the median over rounds with min..max, and whether the greedy tokens equal the fp32 row's.
 Rounds alternate the order of the rows (A B C D, D C B A, ...) so that load on a shared machine
-spreads over all of them. `--threads 1,2` adds a row per torch intra-op thread count (torch's pool
-only: this measures what OpenMP threads do to the current code path).
+spreads over all of them. `--threads 1,2` adds a row per thread count (runtime.threads.apply_threads:
+torch's pool and the C kernel pool where there is one). OpenMP waits passively, as in the CLI; run
+with OMP_WAIT_POLICY=active to see the spinning default.
 
     python benchmarks/dense_decode.py                                  # /tmp/bench/q3moe, packs in /tmp/bench/dense
     python benchmarks/dense_decode.py MODEL --work DIR --tokens 16 --rounds 3 --rows fp32,bf16 --threads 1,2
@@ -26,12 +27,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI does (moe_local/cli/__init__.py), before torch loads
+
+import torch  # noqa: E402
 
 from moe_local.cache.budget import module_bytes
 from moe_local.convert.quantize import quantize
@@ -87,9 +91,8 @@ def decode(lm, tokens: int) -> tuple[float, list[int]]:
 
 
 def run_row(pack: Path, row: str, threads: int, tokens: int) -> dict:
-    torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    lm = load_model(pack, device="cpu", dtype="float32")
+    lm = load_model(pack, device="cpu", dtype="float32", threads=threads)
     if row == "fp32":
         upcast_dense(lm.model)
     load_s = time.perf_counter() - t0
@@ -144,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['same_tokens_as_fp32']} |")
     if args.json is not None:
         payload = {"model": str(args.model), "experts": args.experts, "tokens": args.tokens, "rounds": args.rounds,
-                   "torch_version": torch.__version__, "rows": table}
+                   "torch_version": torch.__version__, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                   "rows": table}
         args.json.write_text(json.dumps(payload, indent=1) + "\n")
     return 0
 

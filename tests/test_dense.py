@@ -176,3 +176,18 @@ def test_bad_threads_are_one_error_line(tiny_v3, tmp_path, command, bad):
     extra = {"generate": ["--prompt-ids", "1,2"], "eval": ["--tokens", str(tmp_path / "none.npy")]}.get(command, [])
     r = runner.invoke(app, [command, str(tiny_v3), *extra, "--threads", bad])
     assert_one_line_error(r.output, r.exit_code, "--threads", bad)
+
+
+@pytest.mark.parametrize("given, expect", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_the_cli_makes_openmp_wait_passively_unless_told_otherwise(given, expect):
+    """Set before torch loads (libgomp reads it once): spinning OpenMP threads made 2 threads 15x slower."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given is not None:
+        env["OMP_WAIT_POLICY"] = given
+    code = "import moe_local.cli.app, os, sys; assert 'torch' in sys.modules; print(os.environ['OMP_WAIT_POLICY'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == expect

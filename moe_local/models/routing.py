@@ -7,7 +7,6 @@ experts a token touches, so they must match the reference exactly.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from moe_local.formats.compute import linear
 
@@ -93,7 +92,7 @@ def deepseek_moe_gate(top_k: int, normalize: bool):
     renorm = normalize and top_k > 1
 
     def rule(router, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = F.linear(x, router.weight.to(x.dtype)).softmax(dim=-1)
+        scores = linear(x, router.weight).softmax(dim=-1)
         weights, ids = torch.topk(scores, top_k, dim=-1, sorted=False)
         if renorm:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)

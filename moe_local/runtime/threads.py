@@ -5,9 +5,13 @@ memory bandwidth, so they do not speed up a bandwidth-bound decode), or `OMP_NUM
 user has set it, as they would for any OpenMP program.
 
 Two pools compute on the CPU: torch's intra-op OpenMP pool (attention, norms, the float matmuls it
-still does) and the C kernel pool of `moe_local.formats.kernels_cpu` (the packed / bf16 GEMVs) once
-that module exists. Both get `n` threads; `torch_threads` is the one knob that says otherwise (see
-benchmarks/dense_decode.py for the measurement of torch with 1 vs 2 threads on this VM).
+still does, prefill's GEMMs) and the C kernel pool of `moe_local.formats.kernels_cpu` (the packed
+and bf16 GEMVs) where that module exists. Both get `n` threads. They take turns, so they do not
+compete as long as an idle OpenMP thread sleeps instead of spinning: the CLI makes OpenMP wait
+passively (moe_local/cli/__init__.py), and with that a second thread doubled decode speed where
+spinning made it 15x slower (benchmarks/dense_decode.py: 0.34 tok/s at 1 thread, 0.76 at 2
+passive, 0.02 at 2 spinning, on the 2-core VM under load). `torch_threads` is the one place that
+would give torch fewer.
 """
 
 from __future__ import annotations
