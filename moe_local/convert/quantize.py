@@ -41,7 +41,7 @@ from moe_local.formats.pack import (ALIGN, BIAS, COPIED_FILES, DENSE_FILE, EXPER
                                     tensor_bytes)
 from moe_local.formats.schemes import PackedWeight
 from moe_local.convert.calibration import calibrate
-from moe_local.convert.recipes import Recipe, SchemeSpec, scheme_spec
+from moe_local.convert.recipes import Recipe, SchemeSpec, dense_spec
 
 SHARD_BYTES = 4 << 30  # experts per file up to this size (one expert never spans two files)
 _HF_BLOB = re.compile(r"^[0-9a-f]{64}$")
@@ -175,19 +175,20 @@ def make_plan(src: Path, recipe: Recipe, shard_bytes: int = SHARD_BYTES) -> Plan
     # non-expert weights: exactly what load_weights reads (the same walk), nothing else (no MTP layers)
     dense: list[DenseItem] = []
     dense_plan = SafetensorsPlan()
-    int8 = scheme_spec("int8").build() if recipe.dense == "int8" else None
+    spec = dense_spec(recipe.dense)
+    dense_scheme = spec.build() if spec is not None else None
     for ref in weight_refs(model, ckpt):
         name, shape = ref.name, ref.shape
         item = DenseItem(name, shape, _source_nbytes(ckpt, name))
         st = _st_dtype(ckpt, name)
         if len(shape) != 2:
             item.out_dtype = _float_dtype(st)  # norms, biases, router bias: never rounded
-        elif int8 is not None and not _is_router(name, shape, a.num_experts):
-            item.scheme = int8
+        elif dense_scheme is not None and not _is_router(name, shape, a.num_experts):
+            item.scheme = dense_scheme
         else:
             item.out_dtype = torch.bfloat16
         if item.scheme is not None:
-            for part, (pshape, pdtype) in int8.tensor_specs(shape).items():
+            for part, (pshape, pdtype) in item.scheme.tensor_specs(shape).items():
                 dense_plan.add(dense_part_name(name, part), pdtype, tuple(pshape))
         else:
             dense_plan.add(name, item.out_dtype, shape)

@@ -28,16 +28,17 @@ import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from safetensors import safe_open
 
 from moe_local.errors import CheckpointError
 from moe_local.experts import ExpertWeights
+from moe_local.formats import kernels_cpu
 from moe_local.formats.schemes import PackedWeight, get_scheme
 from moe_local.loading.checkpoint import check_shape, read_json
-from moe_local.units import BY_TORCH, DTYPES, dtype_name
+from moe_local.units import BY_SAFETENSORS, BY_TORCH, DTYPES, dtype_name
 
 FORMAT = "moe-local-pack"
 VERSION = 1
@@ -493,6 +494,30 @@ class Pack:
                     f"corrupt, quantize it again", self.dense_path)
         return tensor
 
+    def dtype(self, name: str) -> str:
+        """The stored safetensors dtype ("BF16") of a float tensor; a quantized one's is its codes'."""
+        self.file_of(name)
+        q = self._quantized.get(name)
+        return self._dense.get_slice(q["parts"]["codes"] if q else name).get_dtype()
+
+    def packed_nbytes(self, name: str) -> int | None:
+        """Bytes of a quantized tensor's parts, from the header (None for a tensor stored as floats)."""
+        q = self._quantized.get(name)
+        if q is None:
+            return None
+        return sum(numel(self._dense.get_slice(stored).get_shape()) * BY_SAFETENSORS[
+            self._dense.get_slice(stored).get_dtype()].itemsize for stored in q["parts"].values())
+
+    def packed(self, name: str) -> PackedWeight | None:
+        """A quantized non-expert tensor as it is stored (`--dense int8|int4`): a PackedWeight over
+        its parts, to be computed from without expanding it; None for a tensor stored as floats."""
+        q = self._quantized.get(name)
+        if q is None:
+            return None
+        scheme = self._scheme(q["scheme"], q.get("params", {}))
+        parts = {part: self._dense_tensor(stored) for part, stored in q["parts"].items()}
+        return PackedWeight(scheme, parts, tuple(q["shape"]))
+
     # ----------------------------------------------------------------- expert API
     def expert_range(self, layer: int, expert: int) -> ExpertRange:
         try:
@@ -570,6 +595,11 @@ class Pack:
         """The expert's weights viewing the memory map in place (nothing read yet: pages come in on
         first use, which is when `ResidentExperts` calls `verify_expert`)."""
         return self.decode(self.view(layer, expert), layer, expert)
+
+    def grouped_kernel(self, experts: Sequence[ExpertWeights], act: str) -> kernels_cpu.LayerKernel | None:
+        """One kernel call per MoE layer over these (decoded) experts on the CPU, or None where the
+        kernels do not cover them: what `ResidentExperts` uses for a pack by default."""
+        return kernels_cpu.layer_kernel(experts, act)
 
     # ----------------------------------------------------------------- description (for `inspect`)
     def describe(self) -> dict:

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moe_local.errors import ConfigError
 from moe_local.experts import ClampedSwiGLU
+from moe_local.formats.compute import linear
 from moe_local.loading.checkpoint_map import CheckpointMap
 from moe_local.models.base import CausalLM, DecoderLayer, ModelArgs
 from moe_local.models.layers import Attention, AttentionOptions, Router, SparseMoE
@@ -31,7 +31,7 @@ def softmax_of_topk_logits(top_k: int):
     """gpt-oss: logits = W x + b; keep the top-k logits; their softmax is the weights (in x's dtype)."""
 
     def rule(router, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = F.linear(x, router.weight, router.bias)
+        logits = linear(x, router.weight, router.bias)
         top, ids = torch.topk(logits, top_k, dim=-1)
         return ids, torch.softmax(top, dim=1, dtype=top.dtype)
 
@@ -46,7 +46,7 @@ class BiasedRouter(Router):
         self.bias = nn.Parameter(torch.empty(num_experts))
 
     def selection_scores(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.to(self.weight.dtype), self.weight, self.bias).float()
+        return linear(x, self.weight, self.bias).float()
 
 
 @dataclass
