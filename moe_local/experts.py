@@ -38,7 +38,11 @@ Projection = Union[torch.Tensor, PackedLinear]
 
 
 def project(x: torch.Tensor, w: Projection, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`x @ w.T (+ bias)` for a plain tensor or a packed weight."""
+    """`x @ w.T (+ bias)` for a plain tensor or a packed weight. The bias is rounded to x's dtype
+    first, whatever it is stored in (a pack's float32 bias viewed in a cache slot, or a resident
+    copy already cast), so every provider adds the same values."""
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
     if isinstance(w, torch.Tensor):
         return F.linear(x, w, bias)
     y = w.linear(x)
