@@ -360,3 +360,23 @@ def test_bfloat16_run_keeps_the_float32_parameters(tmp_path):
     assert lm.model.model.layers[0].ffn.gate.tid2eid.dtype == torch.int64
     lm.model.setup_cache(PROMPT_LEN)
     assert torch.isfinite(lm.model(ids_of(PROMPT_LEN), 0)).all()
+
+
+def test_grouped_output_of_a_packed_and_a_bfloat16_weight(tmp_path):
+    """`wo_a` may be held packed (a pack's --dense int8) or at its bf16 storage in a float32 run; the
+    grouped output projection gives what the float32 weight gives for the same values."""
+    from moe_local.formats.schemes import PackedWeight, get_scheme
+
+    save_v4(v4_config(), tmp_path)
+    attn = load_model(tmp_path, device="cpu", dtype="float32").model.model.layers[1].attn
+    x = torch.randn(3, 2, 64, generator=torch.Generator().manual_seed(0))
+    w = attn.wo_a.weight.detach().clone()
+    scheme = get_scheme("int8")
+    packed = PackedWeight(scheme, scheme.quantize(w), tuple(w.shape))
+    for held, exact in ((packed, packed.dequantize()), (w.to(torch.bfloat16), w.to(torch.bfloat16).float())):
+        attn.wo_a.weight = torch.nn.Parameter(exact, requires_grad=False)
+        want = attn._grouped_out(x)
+        del attn.wo_a.weight
+        attn.wo_a.weight = held
+        assert (attn._grouped_out(x) - want).abs().max() <= 1e-4 * want.abs().max()
+        del attn.wo_a.weight

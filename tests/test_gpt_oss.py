@@ -12,8 +12,10 @@ import pytest
 import torch
 
 from moe_local.experts import ClampedSwiGLU
+from moe_local.formats.pack import Pack
 from moe_local.formats.schemes import PackedWeight, get_scheme
 from moe_local.runtime.inspect import summarize
+from tests.family_checks import check_pack_tiered_matches_resident, cli
 from tests.tiny import VOCAB, assert_matches_reference, gpt_oss_config, save_tiny, to_mxfp4_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # one torch thread on a shared box (conftest)
@@ -95,6 +97,82 @@ def test_mxfp4_quantize_follows_the_mx_rule():
     assert torch.equal(scheme.dequantize(packed, (3, 32)), w)
 
 
+# --------------------------------------------------------------------------- packs and the cache
+def test_quantize_mxfp4_keeps_the_checkpoint_codes_and_the_biases(tmp_path):
+    save_tiny(gpt_oss_config(), tmp_path / "float")
+    to_mxfp4_checkpoint(tmp_path / "float", tmp_path / "hub")
+    cli("quantize", tmp_path / "hub", tmp_path / "pack", "--scheme", "mxfp4")
+    from moe_local.runtime.loader import load_model
+
+    cli("quantize", tmp_path / "float", tmp_path / "from-float", "--scheme", "mxfp4")
+    src = load_model(tmp_path / "hub", device="cpu", dtype="float32").source
+    pack, from_float = Pack(tmp_path / "pack"), Pack(tmp_path / "from-float")
+    for layer, e in ((0, 0), (2, 7)):
+        a, b, c = src.load(layer, e), pack.load(layer, e), from_float.load(layer, e)
+        for p in ("gate", "up", "down"):
+            for part in ("codes", "scales"):
+                # kept from the hub bytes, and the same bytes quantize makes from the float experts
+                assert torch.equal(getattr(a, p).packed[part], getattr(b, p).packed[part]), (layer, e, p, part)
+                assert torch.equal(getattr(c, p).packed[part], getattr(b, p).packed[part]), (layer, e, p, part)
+        assert all(torch.equal(x.float(), y) for x, y in zip(a.biases, b.biases))
+    assert json.loads((tmp_path / "pack" / "moe-pack.json").read_text())["minor_version"] >= 1
+    # the pack runs exactly like the checkpoint it came from
+    prompt = ",".join(str(i) for i in range(3, 19))
+    run = ("--prompt-ids", prompt, "-n", 12, "--temperature", "0", "--ignore-eos", "--json")
+    assert json.loads(cli("generate", tmp_path / "pack", *run))["tokens"] == \
+        json.loads(cli("generate", tmp_path / "hub", *run))["tokens"]
+
+
+@pytest.mark.parametrize("layout", ["float", "mxfp4"])
+def test_gpt_oss_pack_tiered_matches_resident(tmp_path, layout):
+    save_tiny(gpt_oss_config(num_local_experts=16, num_hidden_layers=4), tmp_path / "float")
+    src = tmp_path / "float"
+    if layout == "mxfp4":
+        to_mxfp4_checkpoint(src, tmp_path / "mxfp4")
+        src = tmp_path / "mxfp4"
+    check_pack_tiered_matches_resident(src, tmp_path, list(range(5, 25)))
+    # the cache also pages a checkpoint's experts (no pack): biases and MXFP4 parts travel too
+    run = ("--prompt-ids", "5,9,13,17,21,25,29,33", "-n", 10, "--temperature", "0", "--ignore-eos", "--json")
+    tiered = json.loads(cli("generate", src, *run, "--experts", "tiered", "--ram", "2MiB", "--policy", "lru"))
+    assert tiered["tokens"] == json.loads(cli("generate", src, *run, "--experts", "resident"))["tokens"]
+
+
+def test_bf16_logits_do_not_depend_on_the_cache(tmp_path):
+    """bfloat16, an MXFP4 pack with float32 expert biases, 6 of 24 experts cached (every expert paged
+    in and out of the slots): logits bit-identical to all experts resident, and the same tokens."""
+    from tests.cache_helpers import run, tiered_factory
+
+    save_tiny(gpt_oss_config(), tmp_path / "float")
+    to_mxfp4_checkpoint(tmp_path / "float", tmp_path / "hub")
+    cli("quantize", tmp_path / "hub", tmp_path / "pack", "--scheme", "mxfp4")
+    ids = torch.randint(0, VOCAB, (16,), generator=torch.Generator().manual_seed(3))
+    resident = run(tmp_path / "pack", ids, dtype="bfloat16", new=8)
+    tiered = run(tmp_path / "pack", ids, provider=tiered_factory(6), dtype="bfloat16", new=8)
+    assert torch.equal(resident[0], tiered[0]) and resident[1] == tiered[1]
+
+
+@pytest.mark.gpu
+def test_gpt_oss_mxfp4_on_cuda_matches_the_cpu(tmp_path):
+    """The torch MXFP4 kernel and the sink attention on a GPU (float32): the hub-layout checkpoint's
+    logits match the CPU run's, and so do its greedy tokens."""
+    from moe_local.runtime.loader import load_model
+
+    save_tiny(gpt_oss_config(), tmp_path / "float")
+    to_mxfp4_checkpoint(tmp_path / "float", tmp_path / "hub")
+    ids = torch.randint(0, VOCAB, (16,), generator=torch.Generator().manual_seed(1))
+    logits, tokens = [], []
+    for device in ("cpu", "cuda"):
+        model = load_model(tmp_path / "hub", device=device, dtype="float32").model
+        model.setup_cache(24)
+        out = model(ids.to(device), 0)
+        logits.append(out.cpu())
+        seq = [int(out[-1].argmax())]
+        for pos in range(16, 23):
+            seq.append(int(model(torch.tensor([seq[-1]], device=device), pos)[-1].argmax()))
+        tokens.append(seq)
+    assert (logits[0] - logits[1]).abs().max() < 1e-3 and tokens[0] == tokens[1]
+
+
 # --------------------------------------------------------------------------- real sizes
 GPT_OSS_120B = {  # openai/gpt-oss-120b config.json (numbers as published; layer_types elided: the default)
     "architectures": ["GptOssForCausalLM"], "attention_bias": True, "attention_dropout": 0.0,
@@ -124,3 +202,15 @@ def test_inspect_gives_the_published_gpt_oss_sizes(tmp_path, config, total, acti
     assert abs(s.total_params - total) < 0.005e9, s.total_params
     assert abs(s.active_params - embedding - active) < 0.005e9, s.active_params
     assert (s.moe_layers, s.experts_per_layer, s.top_k) == (config["num_hidden_layers"], config["num_local_experts"], 4)
+
+
+def test_inspect_sizes_an_mxfp4_checkpoint_by_its_stored_bytes(tmp_path):
+    """An MXFP4 expert is 4.25 bits per weight on disk and stays so when run: bytes per expert are
+    the blocks + scales (+ biases) of one expert, not its parameters at some float width."""
+    save_tiny(gpt_oss_config(), tmp_path / "float")
+    to_mxfp4_checkpoint(tmp_path / "float", tmp_path / "hub")
+    s = summarize(tmp_path / "hub", "float32")
+    H, I = 64, 96
+    assert s.checkpoint_dtype == "MXFP4 experts"
+    assert s.bytes_per_expert == (2 * I * H + H * I) * 17 // 32 + (2 * I + H) * 4  # codes + e8m0 scales, f32 biases
+    assert s.total_params == summarize(tmp_path / "float", "float32").total_params

@@ -146,3 +146,15 @@ def test_gpu_cpu_miss_mode_matches_to_float_tolerance(mixtral):
                                                                       context=64)), device="cuda", dtype="float32")
     assert torch.allclose(logits, ref_logits, atol=1e-3) and tokens == ref_tokens
     assert lm.provider.report()["cpu_computed"] >= 0
+
+
+@pytest.mark.parametrize("ram", ["12MiB", "64MiB"])
+def test_deepseek_bf16_checkpoint_tiered_matches_resident(shared_model, ram):
+    """The shared model's own bf16 checkpoint (no pack) paged through RAM slots and computed at
+    float32 gives exactly the resident result: slot weights converted for the kernels must live
+    until the layer's one grouped call has read them."""
+    ids = eval_ids(shared_model, 24)
+    ref_logits, ref_tokens, _ = run(shared_model, ids, new=8)
+    logits, tokens, _ = run(shared_model, ids, provider_factory(CacheOptions(ram=ram, prefetch_depth=1)), new=8)
+    assert torch.isfinite(logits).all()
+    assert torch.equal(logits, ref_logits) and tokens == ref_tokens

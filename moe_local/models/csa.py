@@ -39,7 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe_local.formats.compute import linear
 from moe_local.models.hyper import rms_unweighted
+from moe_local.models.layers import Linear
 
 KINDS = ("sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention")
 
@@ -129,8 +131,8 @@ class Compressor(nn.Module):
         super().__init__()
         width = 2 * dim if overlap else dim
         self.dim, self.ratio, self.overlap = dim, ratio, overlap
-        self.wkv = nn.Linear(hidden, width, bias=False)
-        self.wgate = nn.Linear(hidden, width, bias=False)
+        self.wkv = Linear(hidden, width, bias=False)
+        self.wgate = Linear(hidden, width, bias=False)
         self.ape = nn.Parameter(torch.zeros(ratio, width))  # float32 (keep_fp32)
         self.norm = Fp32RMSNorm(dim, eps)
 
@@ -170,8 +172,8 @@ class Indexer(nn.Module):
     def __init__(self, o: V4AttentionOptions) -> None:
         super().__init__()
         self.o = o
-        self.wq_b = nn.Linear(o.q_lora_rank, o.index_heads * o.index_head_dim, bias=False)
-        self.weights_proj = nn.Linear(o.hidden, o.index_heads, bias=False)
+        self.wq_b = Linear(o.q_lora_rank, o.index_heads * o.index_head_dim, bias=False)
+        self.weights_proj = Linear(o.hidden, o.index_heads, bias=False)
         self.compressor = Compressor(o.hidden, o.index_head_dim, o.ratio, overlap=True, eps=o.eps)
 
     def visible(self, x: torch.Tensor, q_res: torch.Tensor, st: CompressorState, rope: RopeTable, cos: torch.Tensor,
@@ -217,14 +219,14 @@ class V4Attention(nn.Module):
         super().__init__()
         self.o = o
         H, D = o.heads, o.head_dim
-        self.wq_a = nn.Linear(o.hidden, o.q_lora_rank, bias=False)
+        self.wq_a = Linear(o.hidden, o.q_lora_rank, bias=False)
         self.q_norm = Fp32RMSNorm(o.q_lora_rank, o.eps)
-        self.wq_b = nn.Linear(o.q_lora_rank, H * D, bias=False)
-        self.wkv = nn.Linear(o.hidden, D, bias=False)
+        self.wq_b = Linear(o.q_lora_rank, H * D, bias=False)
+        self.wkv = Linear(o.hidden, D, bias=False)
         self.norm = Fp32RMSNorm(D, o.eps)
         # grouped output: o_groups blocks [o_lora_rank, H*D/o_groups] stacked, then one mix to hidden
-        self.wo_a = nn.Linear(H * D // o.o_groups, o.o_groups * o.o_lora_rank, bias=False)
-        self.wo_b = nn.Linear(o.o_groups * o.o_lora_rank, o.hidden, bias=False)
+        self.wo_a = Linear(H * D // o.o_groups, o.o_groups * o.o_lora_rank, bias=False)
+        self.wo_b = Linear(o.o_groups * o.o_lora_rank, o.hidden, bias=False)
         self.attn_sink = nn.Parameter(torch.zeros(H))  # float32 (keep_fp32)
         if o.ratio:
             self.compressor = Compressor(o.hidden, D, o.ratio, overlap=o.kind == "compressed_sparse_attention",
@@ -275,7 +277,16 @@ class V4Attention(nn.Module):
             tail = keys[-n_keep:]
             st.window[: tail.shape[0]] = tail
         st.pos = start + T
-        G = o.o_groups
-        grouped = out.reshape(T, G, -1).transpose(0, 1)  # [G, T, H*D/G]
-        w = self.wo_a.weight.view(G, o.o_lora_rank, -1).transpose(1, 2)  # [G, H*D/G, R]
-        return self.wo_b(torch.bmm(grouped, w).transpose(0, 1).reshape(T, -1))
+        return self.wo_b(self._grouped_out(out.reshape(T, o.o_groups, -1)))
+
+    def _grouped_out(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, G, H*D/G] -> [T, G*R]: group g through its own block of rows of `wo_a`."""
+        o, (T, G, _) = self.o, x.shape
+        w = self.wo_a.weight
+        if isinstance(w, torch.Tensor):  # one batched matmul over the groups (transformers' op order)
+            w = w.to(x.dtype).view(G, o.o_lora_rank, -1).transpose(1, 2)  # [G, H*D/G, R]
+            return torch.bmm(x.transpose(0, 1), w).transpose(0, 1).reshape(T, -1)
+        # a packed weight (a pack's --dense scheme) computes only whole products: every group through
+        # all blocks, keeping each group's own block
+        y = linear(x.reshape(T * G, -1), w).view(T, G, G, o.o_lora_rank)
+        return y.diagonal(dim1=1, dim2=2).transpose(1, 2).reshape(T, -1)

@@ -44,7 +44,7 @@ from moe_local.loading.checkpoint_map import CheckpointMap
 from moe_local.models.base import CausalLM, ModelArgs, Tap
 from moe_local.models.csa import KINDS, Fp32RMSNorm, RopeTable, V4Attention, V4AttentionOptions
 from moe_local.models.hyper import hc_collapse, hc_expand, hc_weights
-from moe_local.models.layers import RopeConfig, Router, SparseMoE, rope_inv_freq
+from moe_local.models.layers import Linear, RopeConfig, Router, SparseMoE, rope_inv_freq
 
 _RATIO_KIND = {0: "sliding_attention", 4: "compressed_sparse_attention", 128: "heavily_compressed_attention"}
 MLP_KINDS = ("hash_moe", "moe")
@@ -252,9 +252,9 @@ class LimitedMLP(nn.Module):
 
     def __init__(self, hidden: int, inter: int, limit: float) -> None:
         super().__init__()
-        self.w1 = nn.Linear(hidden, inter, bias=False)
-        self.w2 = nn.Linear(inter, hidden, bias=False)
-        self.w3 = nn.Linear(hidden, inter, bias=False)
+        self.w1 = Linear(hidden, inter, bias=False)
+        self.w2 = Linear(inter, hidden, bias=False)
+        self.w3 = Linear(hidden, inter, bias=False)
         self.act = LimitedSwiGLU(limit=limit)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -365,7 +365,7 @@ class DeepseekV4(CausalLM):
         (head_dim values every `ratio` tokens), so that per-token figures are not rounded to whole entries."""
         if context is None:
             return super().kv_cache_bytes()
-        a, elem = self.args, torch.empty((), dtype=dtype or self.lm_head.weight.dtype).element_size()
+        a, elem = self.args, torch.empty((), dtype=dtype or self.run_dtype).element_size()
         fixed, rate = 0.0, 0.0
         for i in range(a.num_hidden_layers):
             o = a.attention_options(i)
@@ -385,16 +385,40 @@ class DeepseekV4(CausalLM):
         assert self.rope is not None
         self.kv_version += 1
         self.tokens.ids = tokens
-        a = self.args
-        x = self.model.embed_tokens(tokens)
-        streams = x.unsqueeze(1).expand(T, a.hc_mult, a.hidden_size).contiguous()
+        streams = self._streams(tokens)
         for i, layer in enumerate(self.model.layers):
             if on_layer is not None:
                 on_layer(i, streams)
             streams = layer(streams, start, self.rope, self._taps.get(i))
         if last_only:
             streams = streams[-1:]
-        head = self.model.hc_head
-        x = hc_collapse(streams, head.hc_fn, head.hc_base, head.hc_scale, a.hc_eps, a.rms_norm_eps)
-        return self.lm_head(self.model.norm(x)).float()
+        return self.lm_head(self.model.norm(self._collapse(streams))).float()
+
+    def _streams(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The token embeddings copied into the hc_mult residual streams [T, n, H]."""
+        a = self.args
+        x = self.model.embed_tokens(tokens, self.run_dtype)
+        return x.unsqueeze(1).expand(tokens.shape[0], a.hc_mult, a.hidden_size).contiguous()
+
+    def _collapse(self, streams: torch.Tensor) -> torch.Tensor:
+        head, a = self.model.hc_head, self.args
+        return hc_collapse(streams, head.hc_fn, head.hc_base, head.hc_scale, a.hc_eps, a.rms_norm_eps)
+
+    @torch.inference_mode()
+    def locate_nonfinite(self, tokens: torch.Tensor, start: int = 0) -> str | None:
+        """CausalLM.locate_nonfinite over the residual streams (the stream state is rewritten, as there)."""
+        self.tokens.ids = tokens
+        streams = self._streams(tokens)
+        if not torch.isfinite(streams).all():
+            return "the token embeddings (model.embed_tokens)"
+        for i, layer in enumerate(self.model.layers):
+            streams = layer(streams, start, self.rope, self._taps.get(i))
+            if not torch.isfinite(streams).all():
+                return f"layer {i} (model.layers.{i})"
+        x = self.model.norm(self._collapse(streams))
+        if not torch.isfinite(x).all():
+            return "the final norm (model.norm)"
+        if not torch.isfinite(self.lm_head(x)).all():
+            return "the LM head (lm_head)"
+        return None
 
