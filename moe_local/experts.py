@@ -7,7 +7,8 @@ provider's business; what an expert *is* lives here:
 
 - `ExpertWeights`: the three projections of one SwiGLU expert. Each projection is either a plain
   tensor `[out, in]` or a packed/quantized object with `.linear(x)` (see `moe_local.formats`), so the
-  same compute path serves bf16 experts and packed ones.
+  same compute path serves bf16 experts and packed ones. Optional per-projection biases and a gated
+  activation object (`ClampedSwiGLU`) serve gpt-oss; experts with either take this generic path.
 - `ExpertSource`: where experts come from (a Hugging Face checkpoint, a pack); `load(layer, e)`.
 - `combine_experts`: the dispatch loop shared by every provider. It visits experts in ascending id
   order whatever is cached, so the arithmetic (and therefore the tokens) cannot depend on cache state.
@@ -36,11 +37,12 @@ class PackedLinear(Protocol):
 Projection = Union[torch.Tensor, PackedLinear]
 
 
-def project(x: torch.Tensor, w: Projection) -> torch.Tensor:
-    """`x @ w.T` for a plain tensor or a packed weight."""
+def project(x: torch.Tensor, w: Projection, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`x @ w.T (+ bias)` for a plain tensor or a packed weight."""
     if isinstance(w, torch.Tensor):
-        return F.linear(x, w)
-    return w.linear(x)
+        return F.linear(x, w, bias)
+    y = w.linear(x)
+    return y if bias is None else y + bias
 
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -52,16 +54,54 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
+# --------------------------------------------------------------------------- gated activations
+# Most experts compute act(gate) * up with a unary `act` from ACTIVATIONS. An activation that needs
+# both halves at once (gpt-oss clamps them and adds 1 to up) is an object with `combine(gate, up)`;
+# providers take either kind from `activation(...)`, and ExpertWeights calls whichever it is given.
+@dataclass(frozen=True)
+class ClampedSwiGLU:
+    """gpt-oss's expert activation: gate clamped above at `limit`, up clamped to [-limit, limit],
+    then (up + 1) * gate * sigmoid(alpha * gate) (transformers' GptOssExperts._apply_gate)."""
+
+    alpha: float = 1.702
+    limit: float = 7.0
+    name: str = "clamped_swiglu"
+
+    def combine(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        gate = gate.clamp(max=self.limit)
+        up = up.clamp(min=-self.limit, max=self.limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
+
+
+Activation = Union[Callable[[torch.Tensor], torch.Tensor], ClampedSwiGLU]
+
+
+def activation(act: "str | ClampedSwiGLU") -> Activation:
+    """What a provider calls experts with: a unary function by config name (`hidden_act`), or a
+    gated activation object as given (a family's `ModelArgs.expert_act`)."""
+    return ACTIVATIONS[act] if isinstance(act, str) else act
+
+
 @dataclass
 class ExpertWeights:
-    """One routed expert: down(act(gate(x)) * up(x))."""
+    """One routed expert: down(act(gate(x)) * up(x)), or down(act.combine(gate(x), up(x))) for a
+    gated activation object; each projection optionally adds a bias (gpt-oss: None elsewhere)."""
 
     gate: Projection  # [I, H]
     up: Projection  # [I, H]
     down: Projection  # [H, I]
+    gate_bias: torch.Tensor | None = None  # [I]
+    up_bias: torch.Tensor | None = None  # [I]
+    down_bias: torch.Tensor | None = None  # [H]
 
-    def __call__(self, x: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        return project(act(project(x, self.gate)) * project(x, self.up), self.down)
+    @property
+    def biases(self) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        return self.gate_bias, self.up_bias, self.down_bias
+
+    def __call__(self, x: torch.Tensor, act: Activation) -> torch.Tensor:
+        g, u = project(x, self.gate, self.gate_bias), project(x, self.up, self.up_bias)
+        h = act.combine(g, u) if isinstance(act, ClampedSwiGLU) else act(g) * u
+        return project(h, self.down, self.down_bias)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "ExpertWeights":
         def move(w: Projection) -> Projection:
@@ -69,12 +109,14 @@ class ExpertWeights:
                 return w.to(device=device, dtype=dtype if w.is_floating_point() else None)
             return w.to(device) if device is not None else w
 
-        return ExpertWeights(move(self.gate), move(self.up), move(self.down))
+        biases = (None if b is None else move(b) for b in self.biases)
+        return ExpertWeights(move(self.gate), move(self.up), move(self.down), *biases)
 
     def nbytes(self) -> int:
         total = 0
-        for w in (self.gate, self.up, self.down):
-            total += w.numel() * w.element_size() if isinstance(w, torch.Tensor) else int(w.nbytes)
+        for w in (self.gate, self.up, self.down, *self.biases):
+            if w is not None:
+                total += w.numel() * w.element_size() if isinstance(w, torch.Tensor) else int(w.nbytes)
         return total
 
 
@@ -133,7 +175,7 @@ def combine_experts(
     ids: torch.Tensor,
     weights: torch.Tensor,
     fetch: Callable[[int], ExpertWeights],
-    act: Callable[[torch.Tensor], torch.Tensor],
+    act: Activation,
 ) -> torch.Tensor:
     """Weighted sum of the routed experts' outputs, experts visited in ascending id order.
 
@@ -169,12 +211,12 @@ class ResidentExperts:
     def __init__(
         self,
         source: ExpertSource,
-        act: str = "silu",
+        act: "str | ClampedSwiGLU" = "silu",
         device: torch.device | str = "cpu",
         dtype: torch.dtype | None = None,
         progress: Callable[[int], None] | None = None,
     ) -> None:
-        self.act = ACTIVATIONS[act]
+        self.act = activation(act)
         self.experts: dict[tuple[int, int], ExpertWeights] = {}
         # A source with checksums (a pack) checks each expert's bytes on its first use, so resident
         # experts are as protected as the ones the cache reads; loading itself stays lazy (no bytes read).

@@ -41,3 +41,11 @@ def check_pack_tiered_matches_resident(ckpt: Path, tmp: Path, prompt: list[int],
     assert ram_tier["capacity"] < experts and ram_tier["misses"] > 0, ram_tier  # the budget really was tight
     assert report["prefetch"]["issued"] > 0 and report["prefetch"]["precision"] > 0, report["prefetch"]
     return report
+
+
+def inspect_config_only(tmp: Path, config: dict) -> dict:
+    """`moe-local inspect --json` on a folder holding only `config` as config.json (a real model's, for its
+    published sizes): the model is built on the meta device, no weight exists or is allocated."""
+    (tmp / "config.json").write_text(json.dumps(config))
+    assert "sizes from config.json" in cli("inspect", tmp)
+    return json.loads(cli("inspect", tmp, "--json"))

@@ -17,7 +17,8 @@ from moe_local.models import FAMILIES, build_model, checkpoint_experts, load_wei
 from moe_local.models.mixtral import Mixtral
 from moe_local.models.weights import unread_tensors, weight_refs
 from moe_local.runtime.loader import load_model
-from tests.tiny import TINY_CONFIGS, VOCAB, mixtral_config, save_tiny
+from moe_local.formats.schemes import PackedWeight
+from tests.tiny import TINY_CONFIGS, VOCAB, mixtral_config, save_tiny, to_mxfp4_checkpoint
 
 
 def test_every_family_has_a_tiny_config():
@@ -32,8 +33,18 @@ def tiny_checkpoint(request, tmp_path_factory):
     return path
 
 
+def saved_fused(path) -> bool:
+    """gpt-oss: transformers saves its experts fused (there is no per-expert layout on the hub)."""
+    ckpt = Checkpoint(path)
+    model = build_model(ckpt.config)
+    return checkpoint_experts(model, ckpt).is_fused(model.args.moe_layers[0])
+
+
 def fuse(path, out) -> None:
-    """Rewrite a per-expert checkpoint into the fused layout, using the family's own map for the names."""
+    """Rewrite a per-expert checkpoint into the fused layout, using the family's own map for the names.
+    A checkpoint saved fused already (gpt-oss) is rewritten into its other hub layout, MXFP4."""
+    if saved_fused(path):
+        return to_mxfp4_checkpoint(path, out)
     ckpt = Checkpoint(path)
     model = build_model(ckpt.config)
     cmap, a = model.checkpoint_map, model.args
@@ -56,7 +67,8 @@ def test_checkpoint_map_accounts_for_every_tensor(tiny_checkpoint, tmp_path):
         model = build_model(ckpt.config)
         assert unread_tensors(model, ckpt) == [], path
         experts = checkpoint_experts(model, ckpt)
-        assert all(experts.is_fused(layer) == (path == fused) for layer in experts.moe_layers)
+        expect = path == fused or saved_fused(tiny_checkpoint)
+        assert all(experts.is_fused(layer) == expect for layer in experts.moe_layers)
         assert not any(".experts." in ref.name for ref in weight_refs(model, ckpt))  # experts are no parameters
 
 
@@ -69,7 +81,12 @@ def test_fused_and_per_expert_layouts_load_the_same_experts(tiny_checkpoint, tmp
     for layer in ea.moe_layers:
         for e in (0, ea.num_experts - 1):
             wa, wb = ea.load(layer, e), eb.load(layer, e)
-            assert all(torch.equal(getattr(wa, p), getattr(wb, p)) for p in ("gate", "up", "down"))
+            for p in ("gate", "up", "down"):
+                a_w, b_w = getattr(wa, p), getattr(wb, p)
+                if isinstance(b_w, PackedWeight):  # MXFP4 kept packed: equals our rounding of the float expert
+                    a_w, b_w = b_w.scheme.dequantize(b_w.scheme.quantize(a_w), a_w.shape), b_w.dequantize()
+                assert torch.equal(a_w, b_w), (layer, e, p)
+            assert all((x is None and y is None) or torch.equal(x, y) for x, y in zip(wa.biases, wb.biases))
 
 
 class RenamedMixtral(Mixtral):

@@ -58,7 +58,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_registry_lists_every_scheme():
-    assert set(SCHEMES) == {"bf16", "fp16", "fp32", "int8", "int4", "nf4", "ternary", "ternary-absmean"}
+    assert set(SCHEMES) == {"bf16", "fp16", "fp32", "int8", "int4", "nf4", "mxfp4", "ternary", "ternary-absmean"}
 
 
 def test_unknown_scheme_and_params_are_clear_errors():

@@ -33,9 +33,28 @@ def save_tiny(config, path: Path, seed: int = 0):
                 tensor.copy_(torch.rand_like(tensor) * 0.5)  # non-zero: selection must use it
             elif tensor.is_floating_point() and name.endswith("norm.weight"):
                 tensor.copy_(1.0 + 0.1 * torch.randn_like(tensor))  # norms start at 1: make them count
+            elif name.endswith(("experts.gate_up_proj_bias", "experts.down_proj_bias", "self_attn.sinks")):
+                tensor.copy_(torch.randn_like(tensor) * 0.5)  # gpt-oss: zero / tiny at init, make them count
     model.eval()
     model.save_pretrained(path)
+    fix = HUB_LAYOUT.get(config.model_type)
+    if fix is not None:
+        fix(path)
     return model
+
+
+def _kimi_k25_hub_names(path: Path) -> None:
+    """transformers' save_pretrained reverses its Kimi-K2.5 load renames everywhere, so the text model comes
+    out as `language_model.model.blocks.N` (the vision tower's `blocks` -> `layers` undone on it too); the
+    hub checkpoint (and what vLLM / SGLang read) names it `language_model.model.layers.N`. Restore that."""
+    tensors = load_file(path / "model.safetensors")
+    fixed = {n.replace("language_model.model.blocks.", "language_model.model.layers.")
+             .replace("model.mm_projector.", "mm_projector."): t for n, t in tensors.items()}
+    save_file(fixed, path / "model.safetensors", metadata={"format": "pt"})
+
+
+# model_type -> rewrite of what save_pretrained wrote into the layout of the family's hub checkpoints
+HUB_LAYOUT = {"kimi_k25": _kimi_k25_hub_names}
 
 
 def reference_logits(ref, ids: torch.Tensor) -> torch.Tensor:
@@ -197,6 +216,63 @@ def qwen3_5_moe_config(**kw):
                                                                              num_heads=2, out_hidden_size=64))
 
 
+def glm4_moe_config(**kw):
+    """GLM-4.5 in miniature: RoPE on half of each 24-dim head, noaux_tc with 4 groups (keep 2), 1 shared
+    expert, one dense first layer."""
+    from transformers import Glm4MoeConfig
+
+    base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=24, n_routed_experts=16, num_experts_per_tok=4,
+                n_shared_experts=1, n_group=4, topk_group=2, first_k_dense_replace=1, routed_scaling_factor=2.5,
+                max_position_embeddings=256)
+    base.update(kw)
+    return Glm4MoeConfig(**base)
+
+
+def kimi_k25_config(**kw):
+    """Kimi-K2.5's hub layout in miniature: a DeepSeek-V3 text_config (one group, as Kimi-K2 ships; kimi_k2
+    as its model_type, as the hub says) beside a one-block vision tower; the LM head not tied."""
+    from transformers.models.kimi_k25 import Kimi_K25Config
+
+    text = dict(model_type="kimi_k2", vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=48, kv_lora_rank=32,
+                qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=16, num_experts_per_tok=4,
+                n_shared_experts=1, n_group=1, topk_group=1, first_k_dense_replace=1, routed_scaling_factor=2.827,
+                norm_topk_prob=True, max_position_embeddings=256)
+    text.update(kw.pop("text", {}))
+    vision = dict(num_hidden_layers=1, hidden_size=32, intermediate_size=32, num_attention_heads=2, pos_emb_height=4,
+                  pos_emb_width=4)
+    return Kimi_K25Config(**{"text_config": text, "vision_config": vision, "projection_hidden_size": 32,
+                             "tie_word_embeddings": False, **kw})
+
+
+def minimax_m2_config(**kw):
+    """MiniMax-M2 in miniature: RoPE on 12 of each 24-dim head (the hub's legacy `rotary_dim` key), every
+    layer MoE, 8 experts top-2."""
+    from transformers import MiniMaxM2Config
+
+    base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=24, rotary_dim=12, num_local_experts=8, num_experts_per_tok=2,
+                max_position_embeddings=256, bos_token_id=None, eos_token_id=None)
+    base.update(kw)
+    return MiniMaxM2Config(**base)
+
+
+def gpt_oss_config(**kw):
+    """gpt-oss in miniature: alternating sliding (window 5, inside the 16-token prompt) and full
+    attention, YaRN, 8 experts top-2; H=64 and I=96: multiples of MXFP4's 32-wide blocks, and no two
+    expert dims coincide (the saved gate_up is transposed: [E, H, 2I])."""
+    from transformers import GptOssConfig
+
+    base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, num_local_experts=8, num_experts_per_tok=2, sliding_window=5,
+                max_position_embeddings=128, tie_word_embeddings=False, pad_token_id=None, eos_token_id=None,
+                rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "beta_fast": 32.0,
+                                 "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 32})
+    base.update(kw)
+    return GptOssConfig(**base)
+
+
 # model_type -> a tiny config of that family (tests/test_families.py checks every family has one)
 TINY_CONFIGS = {
     "mixtral": mixtral_config,
@@ -209,6 +285,10 @@ TINY_CONFIGS = {
     "qwen3_next": qwen3_next_config,
     "qwen3_5_moe": qwen3_5_moe_config,
     "qwen3_5_moe_text": qwen3_5_moe_text_config,
+    "glm4_moe": glm4_moe_config,
+    "kimi_k25": kimi_k25_config,
+    "minimax_m2": minimax_m2_config,
+    "gpt_oss": gpt_oss_config,
 }
 
 
@@ -232,3 +312,37 @@ def assert_one_line_error(output: str, exit_code: int, *needles: str) -> str:
     for needle in needles:
         assert needle in errors[0], errors[0]
     return errors[0]
+
+
+# --------------------------------------------------------------------------- gpt-oss's hub layout
+MXFP4_CONFIG = {"quant_method": "mxfp4",
+                "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                           "model.embed_tokens", "lm_head"]}
+
+
+def to_mxfp4_checkpoint(path, out) -> None:
+    """Rewrite a save_pretrained gpt-oss checkpoint (float experts, gate_up [E, H, 2I], down
+    [E, I, H]) into the hub's MXFP4 layout, as openai/gpt-oss-* ship it: `<proj>_blocks` uint8
+    [E, out, in/32, 16] (two E2M1 codes per byte, low nibble first) and `<proj>_scales` uint8
+    [E, out, in/32] (e8m0 exponents, bias 127), plus `quantization_config.quant_method = mxfp4` in
+    config.json. The codes come from our `mxfp4` scheme; transformers' own dequantizer then reads
+    them as the reference (integrations/mxfp4.py), so the layout is checked against it."""
+    import json
+    from pathlib import Path
+
+    from moe_local.formats.schemes import get_scheme
+
+    path, out = Path(path), Path(out)
+    scheme = get_scheme("mxfp4")
+    tensors = load_file(path / "model.safetensors")
+    for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        w = tensors.pop(name).transpose(1, 2)  # [E, out, in]
+        packed = [scheme.quantize(w[e].float()) for e in range(w.shape[0])]
+        E, out_f, in_f = w.shape
+        tensors[f"{name}_blocks"] = torch.stack([p["codes"] for p in packed]).reshape(E, out_f, in_f // 32, 16)
+        tensors[f"{name}_scales"] = torch.stack([p["scales"] for p in packed])
+    out.mkdir(parents=True, exist_ok=True)
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = MXFP4_CONFIG
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})

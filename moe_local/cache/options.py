@@ -122,7 +122,7 @@ def build_tiered(options: CacheOptions, source, model, device: torch.device, dty
         trace = TraceRecorder(options.trace, args.model_type, src.num_experts, top_k, src.moe_layers,
                               src.max_expert_nbytes())
     return TieredExperts(
-        src, top_k=top_k, host_slots=plan.host_slots, gpu_slots=plan.gpu_slots, act=args.hidden_act,
+        src, top_k=top_k, host_slots=plan.host_slots, gpu_slots=plan.gpu_slots, act=args.expert_act,
         device=device, dtype=dtype, policy=options.policy, future=future,
         future_label=f"--belady-trace {options.belady_trace}" if options.belady_trace is not None else None,
         predictor=predictor,

@@ -45,7 +45,7 @@ from moe_local.cache.stats import CacheStats, TierCounters
 from moe_local.cache.tiers import Tier, TierState, allocate_slab
 from moe_local.cache.trace import TraceRecorder
 from moe_local.errors import MoeLocalError
-from moe_local.experts import ACTIVATIONS, ExpertPredictor, ExpertWeights, combine_experts
+from moe_local.experts import ExpertPredictor, ExpertWeights, activation, combine_experts
 
 Key = Hashable
 MISS_MODES = ("transfer", "cpu", "auto")
@@ -150,7 +150,7 @@ class TieredExperts:
         self.source = source
         self.device = torch.device(device)
         self.dtype = dtype
-        self.act = ACTIVATIONS[act]
+        self.act = activation(act)
         self.top_k = int(top_k)
         self.cuda = self.device.type == "cuda"
         self.two_tier = self.cuda if two_tier is None else bool(two_tier)

@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "moe_local.cli.quant_cmds",  # quantize, eval
     "moe_local.cli.cache_cmds",  # report, simulate
     "moe_local.cli.serve_cmd",  # serve
+    "moe_local.cli.bench_cmd",  # bench
 )
 
 

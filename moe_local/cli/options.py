@@ -44,6 +44,8 @@ Device = Annotated[Optional[str], typer.Option(rich_help_panel=LOADING,
                                                help="cpu | cuda | cuda:N (default: cuda if available)")]
 DType = Annotated[Optional[str], typer.Option(rich_help_panel=LOADING,
                                               help="float32 | bfloat16 | float16 (default: bf16 on GPU, fp32 on CPU)")]
+Threads = Annotated[Optional[int], typer.Option("--threads", "-t", rich_help_panel=LOADING,
+                                                help="CPU threads (default: the physical cores).")]
 Experts = Annotated[str, typer.Option(rich_help_panel=CACHE, help="tiered: page routed experts through the RAM/GPU "
                                       "cache; resident: load them all up front.")]
 GpuMem = Annotated[Optional[str], typer.Option("--gpu-mem", rich_help_panel=CACHE,

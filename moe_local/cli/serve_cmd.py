@@ -70,6 +70,8 @@ def serve(
 
     load = load_options(device, dtype, experts, gpu_mem, ram, policy, prefetch_depth, prefetch_extra, miss, trace,
                         belady_trace)
+    if ctx_size is not None:
+        load.cache.context = ctx_size  # the GPU budget reserves KV for the context the server will use
     if stats_json is not None:
         check_output_dir(stats_json)
     if api_key is not None and not api_key.strip():

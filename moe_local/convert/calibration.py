@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from moe_local.experts import ACTIVATIONS, ExpertSource, combine_experts, project
+from moe_local.experts import ClampedSwiGLU, ExpertSource, activation, combine_experts, project
 from moe_local.runtime.evaluate import DEFAULT_WINDOW, load_token_ids, windows
 from moe_local.runtime.loader import load_model
 
@@ -56,16 +56,18 @@ class _RecordingExpert:
         self.w, self.layer, self.expert, self.stats = weights, layer, expert, stats
 
     def __call__(self, x: torch.Tensor, act) -> torch.Tensor:
-        h = act(project(x, self.w.gate)) * project(x, self.w.up)
+        w = self.w
+        g, u = project(x, w.gate, w.gate_bias), project(x, w.up, w.up_bias)
+        h = act.combine(g, u) if isinstance(act, ClampedSwiGLU) else act(g) * u
         self.stats.add(self.layer, self.expert, x, h)
-        return project(h, self.w.down)
+        return project(h, w.down, w.down_bias)
 
 
 class RecordingProvider:
     """An ExpertProvider that computes experts straight from the source and records their inputs."""
 
-    def __init__(self, source: ExpertSource, act: str, device, dtype, stats: Calibration) -> None:
-        self.source, self.act = source, ACTIVATIONS[act]
+    def __init__(self, source: ExpertSource, act, device, dtype, stats: Calibration) -> None:
+        self.source, self.act = source, activation(act)
         self.device, self.dtype, self.stats = device, dtype, stats
 
     def forward(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -82,7 +84,7 @@ def calibrate(src: str | Path, tokens_path: str | Path, max_tokens: int = 4096, 
     stats = Calibration(source=str(tokens_path))
 
     def factory(source, model, dev, dt):
-        return RecordingProvider(source, model.args.hidden_act, dev, dt, stats)
+        return RecordingProvider(source, model.args.expert_act, dev, dt, stats)
 
     lm = load_model(src, device=device, dtype="float32", provider=factory)
     ids = load_token_ids(tokens_path, max_tokens, lm.config.get("vocab_size"))

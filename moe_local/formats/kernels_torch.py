@@ -19,7 +19,7 @@ from functools import lru_cache
 
 import torch
 
-from moe_local.formats.schemes.bits import NF4_LEVELS
+from moe_local.formats.schemes.bits import FP4_VALUES, NF4_LEVELS
 
 
 @lru_cache(maxsize=None)
@@ -31,6 +31,9 @@ def _lut(kind: str, device: torch.device) -> torch.Tensor:
     elif kind == "nf4":
         levels = torch.tensor(NF4_LEVELS, dtype=torch.float32)
         t = levels[torch.stack((b & 15, b >> 4), dim=-1).long()]
+    elif kind == "fp4":  # E2M1 values of the two nibbles (MXFP4 codes)
+        values = torch.tensor(FP4_VALUES, dtype=torch.float32)
+        t = values[torch.stack((b & 15, b >> 4), dim=-1).long()]
     elif kind == "trits":  # bytes 243..255 never occur; they decode to garbage digits harmlessly
         t = torch.stack([(b // p) % 3 - 1 for p in (1, 3, 9, 27, 81)], dim=-1).float()
     else:
@@ -84,3 +87,12 @@ def expand_ternary(codes: torch.Tensor, scales: torch.Tensor, out_f: int, in_f: 
     # ones in place (no copy); F.linear takes the strided result as is.
     q[:, : ng * g].view(out_f, ng, g).mul_(scales.reshape(out_f, -1, 1))
     return q[:, :in_f]
+
+
+def expand_mxfp4(codes: torch.Tensor, scales: torch.Tensor, out_f: int, in_f: int) -> torch.Tensor:
+    """MXFP4 (formats/schemes/mxfp4.py): each byte -> its two E2M1 values (one int64 gather), then
+    every block of 32 times 2**(e - 127) in place. Products of an E2M1 value and a power of two are
+    exact in float32, so this equals the scheme's `dequantize` bit for bit."""
+    q = _lookup("fp4", codes.reshape(out_f, -1)).view(out_f, -1, 32)
+    q.mul_(torch.exp2(scales.reshape(out_f, -1, 1).to(torch.float32) - 127.0))
+    return _finish(q, out_f, in_f)

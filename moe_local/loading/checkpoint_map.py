@@ -11,6 +11,14 @@ family's map is the defaults. What a map states:
   `<experts>.<down>` [E, H, I] with `fused` naming those two.
 - `renames`: (our prefix, checkpoint prefix) pairs for a family whose module names differ from its
   checkpoint's names; the first matching pair applies. Empty for every family today.
+  `substitutions`: (our fragment, checkpoint fragment) pairs replaced anywhere in a name (gpt-oss
+  calls the router `mlp.router`, ours is `mlp.gate` in every family).
+- gpt-oss's fused experts differ three ways, each a flag: `fused_transposed` (save_pretrained
+  writes gate_up `[E, H, 2I]` and down `[E, I, H]`, transformers' in-memory layout for this family),
+  `interleaved` (gate and up alternate rows of gate_up instead of being halves) and
+  `expert_biases` (the names of the `[E, 2I]` gate_up and `[E, H]` down bias tensors). Its hub
+  checkpoints store gate_up and down as MXFP4 (`<name>_blocks` uint8 `[E, out, in/32, 16]` +
+  `<name>_scales` e8m0 `[E, out, in/32]`, not transposed); `hf_experts` keeps those codes as they are.
 - `keep_fp32`: parameters (by last name component, or by a dotted suffix) loaded in float32 whatever
   the run dtype, because rounding them would change which experts (DeepSeek-V3's
   `e_score_correction_bias`) or which keys (DeepSeek-V3.2's `indexer.weights_proj.weight`) win.
@@ -38,6 +46,10 @@ class CheckpointMap:
     projections: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
     fused: tuple[str, str] = ("gate_up_proj", "down_proj")
     renames: tuple[tuple[str, str], ...] = ()
+    substitutions: tuple[tuple[str, str], ...] = ()
+    fused_transposed: bool = False
+    interleaved: bool = False
+    expert_biases: tuple[str, str] | None = None
     keep_fp32: tuple[str, ...] = ()
     ignored: tuple[str, ...] = (r".*\.rotary_emb\.",)
     ignore_extra_layers: bool = False
@@ -46,8 +58,18 @@ class CheckpointMap:
         """The checkpoint tensor holding our parameter `param`."""
         for ours, theirs in self.renames:
             if param.startswith(ours):
-                return theirs + param[len(ours):]
+                param = theirs + param[len(ours):]
+                break
+        for ours, theirs in self.substitutions:
+            param = param.replace(ours, theirs)
         return param
+
+    def our_name(self, name: str) -> str:
+        """The inverse of `checkpoint_name`: a checkpoint tensor's name in our parameter naming."""
+        for ours, theirs in self.renames:
+            if name.startswith(theirs):
+                return ours + name[len(theirs):]
+        return name
 
     def keeps_fp32(self, param: str) -> bool:
         return any(param == k or param.endswith("." + k) for k in self.keep_fp32)
@@ -65,10 +87,22 @@ class CheckpointMap:
         prefix = self.expert_prefix(layer)
         return f"{prefix}.{self.fused[0]}", f"{prefix}.{self.fused[1]}"
 
+    def bias_names(self, layer: int) -> tuple[str, str] | None:
+        """Fused layout with expert biases: the [E, 2I] gate/up and [E, H] down bias tensors."""
+        if self.expert_biases is None:
+            return None
+        prefix = self.expert_prefix(layer)
+        return f"{prefix}.{self.expert_biases[0]}", f"{prefix}.{self.expert_biases[1]}"
+
+    def mxfp4_names(self, layer: int) -> tuple[str, str, str, str]:
+        """MXFP4 fused layout: gate_up blocks, gate_up scales, down blocks, down scales."""
+        gu, down = self.fused_names(layer)
+        return f"{gu}_blocks", f"{gu}_scales", f"{down}_blocks", f"{down}_scales"
+
     def is_ignored(self, name: str, num_layers: int) -> bool:
         """A checkpoint tensor this family never reads on purpose."""
         if self.ignore_extra_layers:
-            m = _LAYER.match(name)
+            m = _LAYER.match(self.our_name(name))
             if m and int(m.group(1)) >= num_layers:
                 return True
         return any(re.match(pattern, name) for pattern in self.ignored)

@@ -26,6 +26,10 @@ FAMILIES: dict[str, str] = {
     "qwen3_next": "moe_local.models.qwen3_next:Qwen3Next",
     "qwen3_5_moe": "moe_local.models.qwen3_5_moe:Qwen35Moe",  # the hub's multimodal config (text model run)
     "qwen3_5_moe_text": "moe_local.models.qwen3_5_moe:Qwen35Moe",  # what transformers saves for the text model
+    "glm4_moe": "moe_local.models.glm4_moe:Glm4Moe",
+    "kimi_k25": "moe_local.models.kimi_k25:KimiK25",  # the text model of the multimodal checkpoint
+    "minimax_m2": "moe_local.models.minimax_m2:MiniMaxM2",
+    "gpt_oss": "moe_local.models.gpt_oss:GptOss",
 }
 
 

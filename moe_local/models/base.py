@@ -142,6 +142,31 @@ class ModelArgs:
     def rope_config(self) -> RopeConfig:
         return RopeConfig.from_config(self.raw, self.head_dim)
 
+    @property
+    def expert_act(self):
+        """The routed experts' activation as providers take it (experts.activation): the config's
+        `hidden_act` name, or a gated activation object (gpt-oss's ClampedSwiGLU)."""
+        return self.hidden_act
+
+    def expert_params(self) -> int:
+        """Parameters of one routed expert (gate, up, down; families with expert biases add them)."""
+        return 3 * self.hidden_size * self.moe_intermediate_size
+
+
+def text_model_config(cfg: dict) -> dict | None:
+    """The text model's keys of a multimodal config.json (Qwen3.5-MoE, Kimi-K2.5: `text_config` beside a
+    `vision_config`), as one flat config of the outer `model_type`; None for a text-only config.
+
+    The top-level `tie_word_embeddings` wins over the text config's: it is the one transformers ties by."""
+    text = cfg.get("text_config")
+    if not isinstance(text, dict):
+        return None
+    merged = {k: v for k, v in text.items() if k != "multimodal"}
+    merged["model_type"] = cfg.get("model_type")
+    if "tie_word_embeddings" in cfg:
+        merged["tie_word_embeddings"] = cfg["tie_word_embeddings"]
+    return merged
+
 
 class DecoderLayer(nn.Module):
     """Pre-norm residual block: x + mixer(norm(x)), then x + mlp(norm(x)).

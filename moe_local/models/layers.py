@@ -168,6 +168,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
+def apply_partial_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Partial rotary (GLM-4.5's, MiniMax-M2's `partial_rotary_factor`): rotate the first r = cos.shape[-1]
+    dims of each head (rotate_half within them), pass the rest through; r = d is plain `apply_rope`."""
+    r = cos.shape[-1]
+    if r == x.shape[-1]:
+        return apply_rope(x, cos, sin)
+    return torch.cat([apply_rope(x[..., :r], cos, sin), x[..., r:]], dim=-1)
+
+
 def attention_mask(start: int, length: int, device: torch.device, window: int | None = None) -> torch.Tensor | None:
     """Boolean [length, start+length]: query i (at position start+i) may see key j.
 
@@ -188,31 +197,44 @@ def apply_mask(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return scores if mask is None else scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """Eager softmax attention, softmax in float32 like the reference. q: [h, T, d]; k, v: [h, S, d]."""
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+           sink: torch.Tensor | None = None) -> torch.Tensor:
+    """Eager softmax attention, softmax in float32 like the reference. q: [h, T, d]; k, v: [h, S, d].
+
+    `sink` ([h, 1, 1] or [h, T, 1]): an attention sink (gpt-oss), one learned logit per head that
+    joins every query's softmax as an extra key with no value, so a head can attend to "nothing"."""
     scores = apply_mask(torch.matmul(q, k.transpose(-1, -2)) * scale, mask)
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    if sink is None:
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.matmul(probs, v)
+    # as transformers' gpt_oss eager_attention_forward: append the sink, subtract the row max, drop it
+    logits = torch.cat((scores, sink.to(scores.dtype).expand(-1, scores.shape[1], 1)), dim=-1)
+    logits = logits - logits.max(dim=-1, keepdim=True).values
+    probs = torch.softmax(logits, dim=-1, dtype=logits.dtype)[..., :-1].to(v.dtype)
     return torch.matmul(probs, v)
 
 
 def attend_grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                   scale: float) -> torch.Tensor:
+                   scale: float, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Grouped-query attention without copying the KV cache per query head.
 
     q: [heads, T, d]; k, v: [kv_heads, S, d]. The query heads sharing one KV head (heads are
     kv-major, as repeat_kv lays them out) are folded into the query axis, so every KV head is read
     once instead of being repeated `heads / kv_heads` times: at long contexts that copy dominated
-    decode time on CPU.
+    decode time on CPU. `sinks` [heads]: one sink logit per query head (see `attend`).
     """
     heads, T, d = q.shape
     kv_heads = k.shape[0]
     groups = heads // kv_heads
+    sink = None if sinks is None else sinks.reshape(heads, 1, 1)
     if groups == 1:
-        return attend(q, k, v, mask, scale)
+        return attend(q, k, v, mask, scale, sink)
     q = q.reshape(kv_heads, groups * T, d)
     if mask is not None:
         mask = mask.repeat(groups, 1)
-    out = attend(q, k, v, mask, scale)
+    if sink is not None:  # folded query rows are head-major: each head's sink repeats over its T rows
+        sink = sink.expand(heads, T, 1).reshape(kv_heads, groups * T, 1)
+    out = attend(q, k, v, mask, scale, sink)
     return out.reshape(heads, T, -1)
 
 
@@ -247,6 +269,7 @@ class AttentionOptions:
     clip_qkv: float | None = None  # applied after a "full" qk_norm, as OLMoE does
     sliding_window: int | None = None
     rms_eps: float = 1e-6
+    sinks: bool = False  # gpt-oss: a learned per-head sink logit in every softmax (`self_attn.sinks`)
 
 
 class Attention(nn.Module):
@@ -265,6 +288,8 @@ class Attention(nn.Module):
         elif o.qk_norm == "full":
             self.q_norm = RMSNorm(o.heads * o.head_dim, o.rms_eps)
             self.k_norm = RMSNorm(o.kv_heads * o.head_dim, o.rms_eps)
+        if o.sinks:
+            self.sinks = nn.Parameter(torch.empty(o.heads))
         self.cache: KVCache | None = None
 
     def setup_cache(self, max_len: int, device, dtype) -> None:
@@ -283,12 +308,12 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(0, 1), k.transpose(0, 1)
         v = v.view(T, o.kv_heads, o.head_dim).transpose(0, 1)
-        cos, sin = rope
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        cos, sin = rope  # narrower than head_dim under partial rotary (the family's rope_config says so)
+        q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
         assert self.cache is not None, "call model.setup_cache() first"
         k, v = self.cache.update(start, k, v)
         mask = attention_mask(start, T, x.device, o.sliding_window)
-        out = attend_grouped(q, k, v, mask, o.head_dim**-0.5)
+        out = attend_grouped(q, k, v, mask, o.head_dim**-0.5, self.sinks if o.sinks else None)
         return self.o_proj(out.transpose(0, 1).reshape(T, -1))
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from moe_local.loading.checkpoint_map import CheckpointMap
+from moe_local.models.base import text_model_config
 from moe_local.models.qwen3_next import Qwen3Next, Qwen3NextArgs
 
 TEXT_ONLY_MAP = CheckpointMap(ignored=(r".*\.rotary_emb\.", r"mtp\."))
@@ -41,13 +42,9 @@ class Qwen35MoeArgs(Qwen3NextArgs):
 
     @classmethod
     def from_config(cls, cfg: dict) -> "Qwen35MoeArgs":
-        text = cfg.get("text_config")
-        if not isinstance(text, dict):
+        merged = text_model_config(cfg)
+        if merged is None:
             return super().from_config({k: v for k, v in cfg.items() if k != "multimodal"})
-        merged = {k: v for k, v in text.items() if k != "multimodal"}
-        merged["model_type"] = cfg.get("model_type")
-        if "tie_word_embeddings" in cfg:  # the top-level key is the one transformers ties by
-            merged["tie_word_embeddings"] = cfg["tie_word_embeddings"]
         args = super().from_config(merged)
         args.multimodal = True
         return args

@@ -14,6 +14,7 @@ import torch
 
 from moe_local.errors import CheckpointError
 from moe_local.loading.checkpoint import check_shape
+from moe_local.formats.schemes import PackedWeight, get_scheme
 from moe_local.loading.hf_experts import CheckpointExperts
 from moe_local.models.base import CausalLM
 
@@ -64,7 +65,14 @@ def checkpoint_experts(model: CausalLM, ckpt) -> CheckpointExperts:
     """The routed experts of a Hugging Face checkpoint, where the family's map says they are."""
     a = model.args
     return CheckpointExperts(ckpt, model.checkpoint_map, a.moe_layers, a.num_experts, a.hidden_size,
-                             a.moe_intermediate_size)
+                             a.moe_intermediate_size, packed=_packed_projection)
+
+
+def _packed_projection(scheme: str, parts: dict[str, torch.Tensor], shape: tuple[int, int]) -> PackedWeight:
+    """A checkpoint's natively packed projection (gpt-oss's MXFP4 codes + scales), kept as it is."""
+    s = get_scheme(scheme)
+    s.check_native(parts, shape, f"{scheme} expert tensor")
+    return PackedWeight(s, parts, shape)
 
 
 def unread_tensors(model: CausalLM, ckpt: TensorSource) -> list[str]:

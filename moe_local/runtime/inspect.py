@@ -155,7 +155,7 @@ def summarize_pack(root: Path, run_dtype: str = "bfloat16") -> ModelSummary:
 
 
 def _expert_params(a) -> int:
-    return 3 * a.hidden_size * a.moe_intermediate_size
+    return a.expert_params()
 
 
 def _summary(model, root: Path, config: dict, run_dtype: str, expert_run_bytes: int, **stored: Any) -> ModelSummary:

@@ -27,7 +27,7 @@ ProviderFactory = Callable[[ExpertSource, CausalLM, torch.device, torch.dtype], 
 
 
 def resident_provider(source: ExpertSource, model: CausalLM, device: torch.device, dtype: torch.dtype) -> ExpertProvider:
-    return ResidentExperts(source, act=model.args.hidden_act, device=device, dtype=dtype)
+    return ResidentExperts(source, act=model.args.expert_act, device=device, dtype=dtype)
 
 
 def default_dtype(device: torch.device) -> torch.dtype:

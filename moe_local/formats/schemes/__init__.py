@@ -14,6 +14,7 @@ Storage per weight, scales and zero points included (Mixtral expert 14336x4096; 
     int8              group_size=128   codes int8, scales [out, in/128]       8.125
     int4              group_size=64    codes u8 (2/byte), scales, zeros u8    4.375 (g32 4.75, g128 4.19)
     nf4               group_size=64    codes u8 (2/byte), scales              4.25
+    mxfp4             (block 32)       codes u8 (2/byte), e8m0 scales u8      4.25 (gpt-oss's hub layout)
     ternary(-absmean) group_size=128   codes u8 (5/byte), scales              1.727 (1.6 + 0.125 + row pad)
 
 `group_size` is an upper bound: a weight whose rows are narrower than a group uses one group of
@@ -32,11 +33,12 @@ from moe_local.formats.schemes.base import Scheme, TensorSpecs
 from moe_local.formats.schemes.floats import BF16, FP16, FP32
 from moe_local.formats.schemes.int4 import Int4
 from moe_local.formats.schemes.int8 import Int8
+from moe_local.formats.schemes.mxfp4 import MXFP4
 from moe_local.formats.schemes.nf4 import NF4
 from moe_local.formats.schemes.ternary import Ternary, TernaryAbsmean
 
 SCHEMES: dict[str, type[Scheme]] = {
-    cls.name: cls for cls in (BF16, FP16, FP32, Int8, Int4, NF4, Ternary, TernaryAbsmean)
+    cls.name: cls for cls in (BF16, FP16, FP32, Int8, Int4, NF4, MXFP4, Ternary, TernaryAbsmean)
 }
 
 
