@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from moe_local.errors import ConfigError
+from moe_local.experts import ACTIVATIONS
 from moe_local.models.config_values import check_config_value
 from moe_local.loading.checkpoint_map import CheckpointMap
 from moe_local.models.layers import ExpertsHandle, RMSNorm, Rope, RopeConfig, Router
@@ -113,6 +114,9 @@ class ModelArgs:
         hints = typing.get_type_hints(cls)
         for name, value in list(values.items()):
             values[name] = check_config_value(spelled.get(name, name), value, hints[name], name in cls.positive)
+        act = values.get("hidden_act", "silu")
+        if act not in ACTIVATIONS:
+            raise ConfigError(f"config.json: hidden_act {act!r} is not supported (supported: {', '.join(ACTIVATIONS)})")
         heads, kv_heads = values["num_attention_heads"], values["num_key_value_heads"]
         if heads % kv_heads:
             raise ConfigError(f"config.json: num_attention_heads={heads} is not a multiple of "
