@@ -201,11 +201,25 @@ def combine_experts(
     return out
 
 
+class LayerKernel(Protocol):
+    """A whole MoE layer in one call over prepared experts (the CPU kernels, moe_local.formats):
+    the same sum as `combine_experts`, experts in ascending id order. Returns None for a batch it
+    does not take (e.g. a long prefill), which then runs the generic loop."""
+
+    def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor | None: ...
+
+
+# experts 0..n-1 of one layer and the activation's name -> its grouped kernel, or None (not covered)
+GroupedKernels = Callable[[Sequence[ExpertWeights], "str | ClampedSwiGLU"], "LayerKernel | None"]
+
+
 class ResidentExperts:
     """The simplest provider: every routed expert loaded once and kept on one device.
 
     Used for CPU runs and models that fit; the tiered cache (moe_local.cache) replaces it without
-    any change to model code.
+    any change to model code. `grouped` (default: the source's `grouped_kernel`, which a pack
+    offers) prepares each layer's experts for one kernel call per layer; layers it does not cover
+    run `combine_experts`.
     """
 
     def __init__(
@@ -215,6 +229,7 @@ class ResidentExperts:
         device: torch.device | str = "cpu",
         dtype: torch.dtype | None = None,
         progress: Callable[[int], None] | None = None,
+        grouped: GroupedKernels | None = None,
     ) -> None:
         self.act = activation(act)
         self.experts: dict[tuple[int, int], ExpertWeights] = {}
@@ -227,8 +242,21 @@ class ResidentExperts:
                 self.experts[(layer, e)] = source.load(layer, e).to(device, dtype)
                 if progress is not None:
                     progress(1)
+        grouped = grouped if grouped is not None else getattr(source, "grouped_kernel", None)
+        self.kernels: dict[int, LayerKernel | None] = {}
+        if grouped is not None:
+            for layer in source.moe_layers:
+                self.kernels[layer] = grouped([self.experts[(layer, e)] for e in range(source.num_experts)], act)
 
     def forward(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        kernel = self.kernels.get(layer)
+        if kernel is not None:
+            if self._verify is not None and len(self._verified) < len(self.experts):
+                for e in set(ids.reshape(-1).tolist()):
+                    self._fetch(layer, e)  # checksum on first use, as on the generic path
+            y = kernel(x, ids, weights)
+            if y is not None:
+                return y
         return combine_experts(x, ids, weights, lambda e: self._fetch(layer, e), self.act)
 
     def _fetch(self, layer: int, e: int) -> ExpertWeights:

@@ -87,11 +87,13 @@ def test_the_mtp_layer_of_hub_checkpoints_is_not_read(tmp_path):
     assert_matches_reference(tmp_path, ref, vocab=VOCAB)
 
 
-def test_routing_bias_stays_float32_in_bfloat16(tmp_path):
+def test_router_stays_float32_in_bfloat16(tmp_path):
+    """As transformers keeps them (_keep_in_fp32_modules_strict): they decide which experts run."""
     save_tiny(glm4_moe_config(), tmp_path)
     lm = load_model(tmp_path, device="cpu", dtype="bfloat16")
     gate = lm.model.model.layers[1].mlp.gate
-    assert gate.e_score_correction_bias.dtype == torch.float32 and gate.weight.dtype == torch.bfloat16
+    assert gate.e_score_correction_bias.dtype == torch.float32 and gate.weight.dtype == torch.float32
+    assert lm.model.model.layers[1].mlp.shared_experts.gate_proj.weight.dtype == torch.bfloat16
     lm.model.setup_cache(PROMPT_LEN)
     assert torch.isfinite(lm.model(prompt(), 0)).all()
 

@@ -12,8 +12,10 @@ import pytest
 import torch
 
 from moe_local.experts import ClampedSwiGLU
+from moe_local.formats.pack import Pack
 from moe_local.formats.schemes import PackedWeight, get_scheme
 from moe_local.runtime.inspect import summarize
+from tests.family_checks import check_pack_tiered_matches_resident, cli
 from tests.tiny import VOCAB, assert_matches_reference, gpt_oss_config, save_tiny, to_mxfp4_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # one torch thread on a shared box (conftest)
@@ -95,6 +97,43 @@ def test_mxfp4_quantize_follows_the_mx_rule():
     assert torch.equal(scheme.dequantize(packed, (3, 32)), w)
 
 
+# --------------------------------------------------------------------------- packs and the cache
+def test_quantize_mxfp4_keeps_the_checkpoint_codes_and_the_biases(tmp_path):
+    save_tiny(gpt_oss_config(), tmp_path / "float")
+    to_mxfp4_checkpoint(tmp_path / "float", tmp_path / "hub")
+    cli("quantize", tmp_path / "hub", tmp_path / "pack", "--scheme", "mxfp4")
+    from moe_local.runtime.loader import load_model
+
+    src = load_model(tmp_path / "hub", device="cpu", dtype="float32").source
+    pack = Pack(tmp_path / "pack")
+    for layer, e in ((0, 0), (2, 7)):
+        a, b = src.load(layer, e), pack.load(layer, e)
+        for p in ("gate", "up", "down"):
+            for part in ("codes", "scales"):
+                assert torch.equal(getattr(a, p).packed[part], getattr(b, p).packed[part]), (layer, e, p, part)
+        assert all(torch.equal(x.float(), y) for x, y in zip(a.biases, b.biases))
+    assert json.loads((tmp_path / "pack" / "moe-pack.json").read_text())["minor_version"] >= 1
+    # the pack runs exactly like the checkpoint it came from
+    prompt = ",".join(str(i) for i in range(3, 19))
+    run = ("--prompt-ids", prompt, "-n", 12, "--temperature", "0", "--ignore-eos", "--json")
+    assert json.loads(cli("generate", tmp_path / "pack", *run))["tokens"] == \
+        json.loads(cli("generate", tmp_path / "hub", *run))["tokens"]
+
+
+@pytest.mark.parametrize("layout", ["float", "mxfp4"])
+def test_gpt_oss_pack_tiered_matches_resident(tmp_path, layout):
+    save_tiny(gpt_oss_config(num_local_experts=16, num_hidden_layers=4), tmp_path / "float")
+    src = tmp_path / "float"
+    if layout == "mxfp4":
+        to_mxfp4_checkpoint(src, tmp_path / "mxfp4")
+        src = tmp_path / "mxfp4"
+    check_pack_tiered_matches_resident(src, tmp_path, list(range(5, 25)))
+    # the cache also pages a checkpoint's experts (no pack): biases and MXFP4 parts travel too
+    run = ("--prompt-ids", "5,9,13,17,21,25,29,33", "-n", 10, "--temperature", "0", "--ignore-eos", "--json")
+    tiered = json.loads(cli("generate", src, *run, "--experts", "tiered", "--ram", "2MiB", "--policy", "lru"))
+    assert tiered["tokens"] == json.loads(cli("generate", src, *run, "--experts", "resident"))["tokens"]
+
+
 # --------------------------------------------------------------------------- real sizes
 GPT_OSS_120B = {  # openai/gpt-oss-120b config.json (numbers as published; layer_types elided: the default)
     "architectures": ["GptOssForCausalLM"], "attention_bias": True, "attention_dropout": 0.0,
@@ -124,3 +163,15 @@ def test_inspect_gives_the_published_gpt_oss_sizes(tmp_path, config, total, acti
     assert abs(s.total_params - total) < 0.005e9, s.total_params
     assert abs(s.active_params - embedding - active) < 0.005e9, s.active_params
     assert (s.moe_layers, s.experts_per_layer, s.top_k) == (config["num_hidden_layers"], config["num_local_experts"], 4)
+
+
+def test_inspect_sizes_an_mxfp4_checkpoint_by_its_stored_bytes(tmp_path):
+    """An MXFP4 expert is 4.25 bits per weight on disk and stays so when run: bytes per expert are
+    the blocks + scales (+ biases) of one expert, not its parameters at some float width."""
+    save_tiny(gpt_oss_config(), tmp_path / "float")
+    to_mxfp4_checkpoint(tmp_path / "float", tmp_path / "hub")
+    s = summarize(tmp_path / "hub", "float32")
+    H, I = 64, 96
+    assert s.checkpoint_dtype == "MXFP4 experts"
+    assert s.bytes_per_expert == (2 * I * H + H * I) * 17 // 32 + (2 * I + H) * 4  # codes + e8m0 scales, f32 biases
+    assert s.total_params == summarize(tmp_path / "float", "float32").total_params

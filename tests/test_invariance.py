@@ -173,3 +173,15 @@ def test_gpu_cpu_miss_mode_matches_to_float_tolerance(mixtral):
     assert torch.allclose(logits, ref_logits, atol=1e-3) and tokens == ref_tokens
     report = lm.provider.report()
     assert report["tiers"]["gpu"]["misses"] > 0 and report["cpu_computed"] > 0, report
+
+
+@pytest.mark.parametrize("ram", ["16MiB", "64MiB"])  # 16 MiB: weights + KV cache (14 MiB) + ~20 slots
+def test_deepseek_bf16_checkpoint_tiered_matches_resident(shared_model, ram):
+    """The shared model's own bf16 checkpoint (no pack) paged through RAM slots and computed at
+    float32 gives exactly the resident result: slot weights converted for the kernels must live
+    until the layer's one grouped call has read them."""
+    ids = eval_ids(shared_model, 24)
+    ref_logits, ref_tokens, _ = run(shared_model, ids, new=8)
+    logits, tokens, _ = run(shared_model, ids, provider_factory(CacheOptions(ram=ram, prefetch_depth=1)), new=8)
+    assert torch.isfinite(logits).all()
+    assert torch.equal(logits, ref_logits) and tokens == ref_tokens

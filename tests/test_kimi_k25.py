@@ -18,7 +18,8 @@ from moe_local.models import build_model
 from moe_local.models.weights import unread_tensors
 from moe_local.runtime.loader import load_model
 from tests.family_checks import check_pack_tiered_matches_resident, cli, inspect_config_only, runner
-from tests.tiny import PROMPT_LEN, VOCAB, YARN, assert_matches_reference, fuse_experts, kimi_k25_config, save_tiny
+from tests.tiny import (PROMPT_LEN, VOCAB, YARN, assert_matches_reference, assert_one_line_error, fuse_experts,
+                        kimi_k2_config, kimi_k25_config, save_tiny)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # one torch thread on a shared box (conftest)
 NOTE = "note: the vision tower (vision_tower.*, mm_projector.*) is not loaded: text only"
@@ -142,3 +143,106 @@ def test_inspect_kimi_k2_real_size(tmp_path):
     assert s["total_params"] == total and s["active_params"] == total - 60 * (384 - 8) * expert
     assert abs(s["total_params"] / 1.04e12 - 1) < 0.015 and abs(s["active_params"] / 32.6e9 - 1) < 0.01
     assert s["kv_bytes_per_token"] == 61 * (512 + 64) * 2  # MLA: latent + rope key, bf16
+
+
+# --------------------------------------------------------------------------- the hub's INT4 experts
+def pack_row(values: list[int], bits: int = 4) -> list[int]:
+    """compressed-tensors' dense packing, written out bit by bit: value i (offset by 2^(bits-1)) at bits
+    [i*bits, (i+1)*bits) of the row, words as signed int32."""
+    acc = 0
+    for i, v in enumerate(values):
+        acc |= (v + (1 << (bits - 1))) << (i * bits)
+    words = [(acc >> (32 * w)) & 0xFFFFFFFF for w in range(-(-len(values) * bits // 32))]
+    return [w - (1 << 32) if w >= 1 << 31 else w for w in words]
+
+
+def to_pack_quantized(w: torch.Tensor, group: int = 32) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Kimi-K2.5's expert format: symmetric int4 per 32 inputs, bf16 scales; returns the three stored
+    tensors and the weight they stand for (q * scale, exactly)."""
+    rows, cols = w.shape
+    scale = (w.reshape(rows, cols // group, group).abs().amax(-1) / 7).clamp(min=1e-8).to(torch.bfloat16)
+    s = scale.float().repeat_interleave(group, dim=1)
+    q = torch.clamp(torch.round(w / s), -8, 7).to(torch.int64)
+    packed = torch.tensor([pack_row(r) for r in q.tolist()], dtype=torch.int32)
+    return {"weight_packed": packed, "weight_scale": scale, "weight_shape": torch.tensor([rows, cols])}, q.float() * s
+
+
+def test_unpack_matches_the_packing_by_hand():
+    from moe_local.loading.compressed import dequantize_packed, unpack_int32
+
+    row = list(range(-8, 8))  # unsigned 0..15: nibbles 0x76543210, 0xFEDCBA98
+    assert pack_row(row) == [0x76543210, 0xFEDCBA98 - (1 << 32)]
+    packed = torch.tensor([pack_row(row), pack_row(row[::-1])], dtype=torch.int32)
+    assert (unpack_int32(packed, 4, 16).int() - 8).tolist() == [row, row[::-1]]  # codes are offset by 2^(bits-1)
+    odd = [3, -4, 1, 0, -1, 2, 3, -3, 1, 2, -4]  # 3-bit values: some split across two words
+    assert (unpack_int32(torch.tensor([pack_row(odd, bits=3)], dtype=torch.int32), 3, 11) - 4).tolist() == [odd]
+    eight = [-128, 127, 0, -1, 5]
+    assert (unpack_int32(torch.tensor([pack_row(eight, bits=8)], dtype=torch.int32), 8, 5).int() - 128).tolist() == [eight]
+    scale = torch.tensor([[0.5, 2.0], [1.0, -1.0]], dtype=torch.bfloat16)  # groups of 8
+    expect = torch.tensor([row, row[::-1]]).float() * scale.float().repeat_interleave(8, dim=1)
+    assert torch.equal(dequantize_packed(packed, scale, (2, 16)), expect)
+
+
+def test_int4_pack_quantized_experts_are_dequantized_on_load(tmp_path):
+    """The hub checkpoint's routed experts as compressed-tensors INT4 (weight_packed / weight_scale /
+    weight_shape): read as q * scale under the weight's own name, the companions hidden; the reference,
+    given those same weights, agrees with us; quantize + tiered runs on it."""
+    ref = save_tiny(kimi_k25_config(), tmp_path / "ckpt")
+    path = tmp_path / "ckpt"
+    cfg = json.loads((path / "config.json").read_text())
+    quant = {"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {"group_0": {
+        "targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "symmetric": True, "group_size": 32,
+                                           "strategy": "group"}}}}
+    set_config(path, text_config={**cfg["text_config"], "quantization_config": quant})
+    tensors = load_file(path / "model.safetensors")
+    dequant = {}
+    for name in [n for n in tensors if ".mlp.experts." in n]:
+        stored, dequant[name] = to_pack_quantized(tensors.pop(name))
+        tensors.update({name[: -len("weight")] + k: v for k, v in stored.items()})
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+
+    ckpt = Checkpoint(path)
+    name = "language_model.model.layers.1.mlp.experts.3.down_proj.weight"
+    assert name in ckpt.names() and not any(n.endswith(("_packed", "_scale", "_shape")) for n in ckpt.names())
+    assert ckpt.shape(name) == (64, 32) and torch.equal(ckpt.get(name), dequant[name])
+    assert unread_tensors(build_model(ckpt.config), ckpt) == []
+
+    inter = 32
+    with torch.no_grad():
+        for name, w in dequant.items():
+            parts = name.split(".")  # language_model.model.layers.{l}.mlp.experts.{e}.{proj}.weight
+            exp, e, proj = ref.model.language_model.layers[int(parts[3])].mlp.experts, int(parts[6]), parts[7]
+            rows = {"gate_proj": slice(0, inter), "up_proj": slice(inter, 2 * inter)}.get(proj)
+            (exp.gate_up_proj[e, rows] if rows else exp.down_proj[e]).copy_(w)
+    assert_matches_reference(path, ref, vocab=VOCAB)
+    check_pack_tiered_matches_resident(path, tmp_path, prompt().tolist())
+
+
+def test_a_zero_point_packing_is_refused_by_name(tmp_path):
+    save_tiny(kimi_k25_config(), tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    name = "language_model.model.layers.1.mlp.experts.0.gate_proj.weight"
+    stored, _ = to_pack_quantized(tensors.pop(name))
+    tensors.update({name[: -len("weight")] + k: v for k, v in stored.items()})
+    tensors[name[: -len("weight")] + "weight_zero_point"] = torch.zeros(32, 2, dtype=torch.int8)
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    out = runner.invoke(app, ["generate", str(tmp_path), "--prompt-ids", "1,2", "-n", "1"])
+    assert_one_line_error(out.output, out.exit_code, "zero point", name)
+
+
+# --------------------------------------------------------------------------- Kimi-K2's text-only checkpoints
+def test_kimi_k2_text_checkpoint_matches_transformers(tmp_path):
+    """model_type kimi_k2 (K2-Base / -Instruct / -Thinking, hub remote code): DeepSeek-V3 exactly, V3's names."""
+    ref = save_tiny(kimi_k2_config(), tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "kimi_k2"
+    lm = assert_matches_reference(tmp_path, ref, vocab=VOCAB)
+    assert lm.model.family == "kimi_k2" and lm.model.notes() == [] and lm.model.args.moe_layers == [1, 2]
+
+
+def test_inspect_kimi_k2_instruct_real_size(tmp_path):
+    """moonshotai/Kimi-K2-Instruct config.json: the same text model as K2.5's (figures as above)."""
+    for sub in ("k2", "k25"):
+        (tmp_path / sub).mkdir()
+    s = inspect_config_only(tmp_path / "k2", {**KIMI_K2_TEXT, "max_position_embeddings": 131072})
+    k25 = inspect_config_only(tmp_path / "k25", KIMI_K25)
+    assert (s["family"], s["total_params"], s["active_params"]) == ("kimi_k2", k25["total_params"], k25["active_params"])

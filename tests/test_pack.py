@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from moe_local.errors import CheckpointError, MoeLocalError
 from moe_local.formats.pack import ALIGN, MANIFEST, Pack, read_st_header
+from moe_local.formats.schemes import PackedWeight
 from moe_local.convert.quantize import quantize
 from moe_local.convert.recipes import build_recipe
 from moe_local.runtime.loader import load_model
@@ -272,7 +273,7 @@ def test_bad_recipe_options_are_clear_errors():
         build_recipe("bf16:64")
 
 
-def test_int8_dense_weights_are_dequantized_at_load(tiny, tmp_path):
+def test_int8_dense_weights_read_dequantized_and_load_packed(tiny, tmp_path):
     out = tmp_path / "dense8"
     quantize(tiny[0], out, build_recipe("int8", dense="int8"))
     pack = Pack(out)
@@ -283,7 +284,9 @@ def test_int8_dense_weights_are_dequantized_at_load(tiny, tmp_path):
     router = "model.layers.0.block_sparse_moe.gate.weight"
     assert router not in pack.manifest["dense"]["quantized"]  # routers stay precise
     lm = load_model(out, device="cpu", dtype="float32")
-    assert lm.model.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
+    w = lm.model.model.layers[0].self_attn.q_proj.weight  # kept packed, computed from its codes
+    assert isinstance(w, PackedWeight) and w.scheme.name == "int8"
+    assert torch.equal(w.dequantize(), pack.get(name))
 
 
 def test_calibration_records_importance_and_changes_ternary(tiny, tmp_path):

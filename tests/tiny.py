@@ -3,6 +3,7 @@ tiny config per family, comparisons against the reference, and the one-line-erro
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -22,6 +23,8 @@ def save_tiny(config, path: Path, seed: int = 0):
     """
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
+    if hasattr(config, "save_reference"):  # a family transformers lacks brings its own oracle (DeepSeekMoE)
+        return config.save_reference(path, seed)
     torch.manual_seed(seed)
     config._attn_implementation = "eager"
     # a multimodal config (Qwen3.5-MoE's hub layout) is saved whole, vision tower included
@@ -37,7 +40,7 @@ def save_tiny(config, path: Path, seed: int = 0):
                 tensor.copy_(torch.randn_like(tensor) * 0.5)  # gpt-oss: zero / tiny at init, make them count
     model.eval()
     model.save_pretrained(path)
-    fix = HUB_LAYOUT.get(config.model_type)
+    fix = HUB_LAYOUT.get(getattr(config, "hub_model_type", config.model_type))
     if fix is not None:
         fix(path)
     return model
@@ -53,8 +56,14 @@ def _kimi_k25_hub_names(path: Path) -> None:
     save_file(fixed, path / "model.safetensors", metadata={"format": "pt"})
 
 
+def _kimi_k2_model_type(path: Path) -> None:
+    """Kimi-K2's text-only checkpoints are DeepSeek-V3's, saved by transformers as such; the hub config says kimi_k2."""
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "model_type": "kimi_k2"}))
+
+
 # model_type -> rewrite of what save_pretrained wrote into the layout of the family's hub checkpoints
-HUB_LAYOUT = {"kimi_k25": _kimi_k25_hub_names}
+HUB_LAYOUT = {"kimi_k25": _kimi_k25_hub_names, "kimi_k2": _kimi_k2_model_type}
 
 
 def reference_logits(ref, ids: torch.Tensor) -> torch.Tensor:
@@ -258,6 +267,14 @@ def minimax_m2_config(**kw):
     return MiniMaxM2Config(**base)
 
 
+def deepseek_moe_config(**kw):
+    """DeepSeekMoE 16B in miniature (its oracle: tests/deepseek_moe_reference.py): MHA, 16 fine-grained experts
+    top-4 un-normalised, 2 shared experts, one dense first layer."""
+    from tests.deepseek_moe_reference import DeepseekMoeTinyConfig
+
+    return DeepseekMoeTinyConfig(**kw)
+
+
 def gpt_oss_config(**kw):
     """gpt-oss in miniature: alternating sliding (window 5, inside the 16-token prompt) and full
     attention, YaRN, 8 experts top-2; H=64 and I=96: multiples of MXFP4's 32-wide blocks, and no two
@@ -271,6 +288,13 @@ def gpt_oss_config(**kw):
                                  "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 32})
     base.update(kw)
     return GptOssConfig(**base)
+
+
+def kimi_k2_config(**kw):
+    """Kimi-K2 (text only) in miniature: DeepSeek-V3 with one group, saved with model_type kimi_k2."""
+    cfg = v3_config(**{"n_group": 1, "topk_group": 1, "routed_scaling_factor": 2.827, **kw})
+    cfg.hub_model_type = "kimi_k2"  # save_tiny writes it into config.json (transformers has no kimi_k2)
+    return cfg
 
 
 # model_type -> a tiny config of that family (tests/test_families.py checks every family has one)
@@ -287,7 +311,9 @@ TINY_CONFIGS = {
     "qwen3_5_moe_text": qwen3_5_moe_text_config,
     "glm4_moe": glm4_moe_config,
     "kimi_k25": kimi_k25_config,
+    "kimi_k2": kimi_k2_config,
     "minimax_m2": minimax_m2_config,
+    "deepseek": deepseek_moe_config,  # DeepSeekMoE 16B
     "gpt_oss": gpt_oss_config,
 }
 

@@ -15,34 +15,53 @@ import torch
 from moe_local.experts import ExpertSource, ExpertWeights
 
 NAMES = ("gate", "up", "down")
+BIASES = ("gate_bias", "up_bias", "down_bias")  # optional (gpt-oss)
 ALIGN = 16  # between tensors (the pack writer's rule): every view is dtype-aligned
 
+# (field, part, offset, shape, dtype): part is None for a plain tensor, else the packed tensor's name
+Entry = tuple[str, "str | None", int, tuple[int, ...], torch.dtype]
 
-def _layout(w: ExpertWeights) -> tuple[list[tuple[str, int, tuple[int, ...], torch.dtype]], int]:
+
+def _tensors(w: ExpertWeights, name: str) -> dict[str | None, torch.Tensor]:
+    """A field's tensors: {None: t} for a plain tensor, the packed parts of a packed weight
+    (gpt-oss's MXFP4 checkpoint experts: codes + scales), {} for an absent bias."""
+    t = getattr(w, name)
+    if t is None or isinstance(t, torch.Tensor):
+        return {} if t is None else {None: t}
+    if isinstance(getattr(t, "packed", None), dict):
+        return dict(t.packed)
+    raise TypeError("adapters serialise plain tensors and packed weights with `.packed` parts only")
+
+
+def _layout(w: ExpertWeights) -> tuple[list[Entry], int]:
     entries, off = [], 0
-    for name in NAMES:
-        t = getattr(w, name)
-        if not isinstance(t, torch.Tensor):
-            raise TypeError("adapters serialise plain tensors only; packed experts come from a pack")
-        entries.append((name, off, tuple(t.shape), t.dtype))
-        off += t.numel() * t.element_size()
-        off = -(-off // ALIGN) * ALIGN
+    for name in NAMES + BIASES:
+        for part, t in _tensors(w, name).items():
+            entries.append((name, part, off, tuple(t.shape), t.dtype))
+            off += t.numel() * t.element_size()
+            off = -(-off // ALIGN) * ALIGN
     return entries, off
 
 
 def _write(w: ExpertWeights, layout, out: torch.Tensor) -> None:
-    for name, off, shape, dtype in layout:
-        t = getattr(w, name).contiguous()
+    tensors = {(name, part): t for name in NAMES + BIASES for part, t in _tensors(w, name).items()}
+    for name, part, off, shape, dtype in layout:
+        t = tensors[(name, part)].contiguous()
         n = t.numel() * t.element_size()
         out[off : off + n].copy_(t.reshape(-1).view(torch.uint8))
 
 
-def _decode(buf: torch.Tensor, layout) -> ExpertWeights:
-    parts = {}
-    for name, off, shape, dtype in layout:
+def _decode(buf: torch.Tensor, layout, like: ExpertWeights) -> ExpertWeights:
+    """ExpertWeights viewing `buf`; packed fields are rebuilt like `like`'s (same scheme and shape)."""
+    parts: dict[str, dict] = {}
+    for name, part, off, shape, dtype in layout:
         n = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
-        parts[name] = buf[off : off + n].view(dtype).view(shape)
-    return ExpertWeights(parts["gate"], parts["up"], parts["down"])
+        parts.setdefault(name, {})[part] = buf[off : off + n].view(dtype).view(shape)
+    fields = {}
+    for name, p in parts.items():
+        fields[name] = p[None] if None in p else type(getattr(like, name))(getattr(like, name).scheme, p,
+                                                                           getattr(like, name).shape)
+    return ExpertWeights(**fields)
 
 
 class FixedSizeBytes:
@@ -70,13 +89,14 @@ class CheckpointBytes(FixedSizeBytes):
         self.source = source
         self.moe_layers = list(source.moe_layers)
         self.num_experts = source.num_experts
-        self.layout, self.nbytes = _layout(source.load(self.moe_layers[0], 0))
+        self.first = source.load(self.moe_layers[0], 0)
+        self.layout, self.nbytes = _layout(self.first)
 
     def read_into(self, layer: int, expert: int, out: torch.Tensor, verify: bool = True) -> None:
         _write(self.source.load(layer, expert), self.layout, out[: self.nbytes])
 
     def decode(self, buf: torch.Tensor, layer: int, expert: int) -> ExpertWeights:
-        return _decode(buf, self.layout)
+        return _decode(buf, self.layout, self.first)
 
     def load(self, layer: int, expert: int) -> ExpertWeights:
         return self.source.load(layer, expert)

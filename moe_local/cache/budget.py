@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from moe_local.errors import MoeLocalError
+from moe_local.formats.schemes import PackedWeight
 from moe_local.units import GiB, MiB, format_bytes
 
 # Headroom left to others when we pick a default (stated in --help and the README).
@@ -63,7 +64,9 @@ def round_slot(nbytes: int) -> int:
 
 
 def module_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the resident (non-expert) parameters and buffers, tied weights counted once."""
+    """Bytes of the resident (non-expert) weights and buffers as held, tied weights counted once:
+    parameters at their own dtype (a bf16 matrix counts 2 bytes per weight) plus the packed weights
+    (`PackedWeight`, a pack's `--dense int8|int4` tensors) that replace some modules' parameters."""
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
         if t.device.type == "meta":
@@ -73,7 +76,8 @@ def module_bytes(model: torch.nn.Module) -> int:
             continue
         seen.add(key)
         total += t.numel() * t.element_size()
-    return total
+    packed = {id(w): w for m in model.modules() for w in vars(m).values() if isinstance(w, PackedWeight)}
+    return total + sum(w.nbytes for w in packed.values())
 
 
 def workspace_bytes(expanded_bytes: int, budget: int | None = None) -> int:

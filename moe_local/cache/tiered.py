@@ -46,6 +46,7 @@ from moe_local.cache.tiers import Tier, TierState, allocate_slab
 from moe_local.cache.trace import TraceRecorder
 from moe_local.errors import MoeLocalError
 from moe_local.experts import ExpertPredictor, ExpertWeights, activation, combine_experts
+from moe_local.formats import kernels_cpu
 
 Key = Hashable
 MISS_MODES = ("transfer", "cpu", "auto")
@@ -151,6 +152,8 @@ class TieredExperts:
         self.device = torch.device(device)
         self.dtype = dtype
         self.act = activation(act)
+        self.act_name = act  # a name (or a gated activation object the grouped kernel declines)
+        self.covered: dict[int, bool] = {}  # layer -> its experts run through the CPU grouped kernel
         self.top_k = int(top_k)
         self.cuda = self.device.type == "cuda"
         self.two_tier = self.cuda if two_tier is None else bool(two_tier)
@@ -232,11 +235,47 @@ class TieredExperts:
             def fetch(e: int):
                 return self._fetch(run, (layer, e))
 
-            y = combine_experts(x, ids, weights, fetch, self.act)
+            if self._grouped(layer, x):
+                y = self._combine_grouped(run, x, ids, weights, [e for _, e in keys])
+            else:
+                y = combine_experts(x, ids, weights, fetch, self.act)
             ok = True
         finally:
             self._end_run(run, ok)
         return y
+
+    def _grouped(self, layer: int, x: torch.Tensor) -> bool:
+        """CPU compute of a decode-sized batch goes through the grouped C kernel, exactly as
+        ResidentExperts over the same source does (so tokens cannot depend on what is cached)."""
+        if self.device.type != "cpu" or not kernels_cpu.grouped_applies(x, self.act_name):
+            return False
+        if layer not in self.covered:
+            sample = self.source.decode(self.source.view(layer, 0), layer, 0).to(self.device, self.dtype)
+            self.covered[layer] = kernels_cpu.expert_row(sample) is not None
+        return self.covered[layer]
+
+    def _combine_grouped(self, run: _Run, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                         experts: list[int]) -> torch.Tensor:
+        """The layer through kernels_cpu.moe_accumulate: one call when every expert was already in
+        its slot (the decode steady state), else one call per expert as it arrives (its slot may be
+        reused by a later one). Both sum in ascending expert order: bitwise the same result."""
+        out = torch.zeros(x.shape, dtype=torch.float32)
+        rows, alive = [], []
+        one_call = not run.pending and not run.stream and not run.cpu_keys
+        for e in experts:
+            w = self._fetch(run, (run.layer, e))
+            w = w.weights if isinstance(w, CpuExpert) else w
+            row = kernels_cpu.expert_row(w)
+            if row is None:
+                raise MoeLocalError(f"layer {run.layer} expert {e}: its layout differs from expert 0's")
+            if one_call:
+                rows.append(row)
+                alive.append(w)  # a row holds raw pointers: a converted copy must outlive the call
+            else:
+                kernels_cpu.moe_accumulate(out, x, ids, weights, row[None], torch.tensor([e]), self.act_name)
+        if one_call:
+            kernels_cpu.moe_accumulate(out, x, ids, weights, torch.stack(rows), torch.tensor(experts), self.act_name)
+        return out if x.dtype == torch.float32 else out.to(x.dtype)
 
     def before_block(self, layer: int, x: torch.Tensor, site: str) -> None:
         """A dense layer's MLP (site "mlp") or the first MoE layer's attention ("attn") is about to

@@ -17,6 +17,7 @@ from moe_local.cli.options import (BeladyTrace, Device, DType, Experts, GpuMem, 
                                    PrefetchExtra, Ram, Threads, TraceFile, load_options)
 from moe_local.cli.run_cmds import open_session
 from moe_local.runtime.bench import BenchOptions, BenchResult, Repetition, model_facts, run_bench
+from moe_local.runtime.threads import parse_threads
 from moe_local.runtime.report import check_output_dir, write_json_atomic
 from moe_local.units import format_bytes, format_count
 
@@ -73,10 +74,10 @@ def bench(
     miss: Miss = "auto", trace: TraceFile = None, belady_trace: BeladyTrace = None,
 ) -> None:
     """Prompt-processing and decode speed, llama-bench style: tok/s, bytes read per token, % of bandwidth."""
-    options = BenchOptions(n_prompt, n_gen, repetitions, threads, seed, bandwidth)
+    options = BenchOptions(n_prompt, n_gen, repetitions, parse_threads(threads), seed, bandwidth)
     options.validate()
     load = load_options(device, dtype, experts, gpu_mem, ram, policy, prefetch_depth, prefetch_extra, miss, trace,
-                        belady_trace)
+                        belady_trace, options.threads)
     if output is not None:
         check_output_dir(output)
     session = open_session(model, load)

@@ -44,8 +44,9 @@ Device = Annotated[Optional[str], typer.Option(rich_help_panel=LOADING,
                                                help="cpu | cuda | cuda:N (default: cuda if available)")]
 DType = Annotated[Optional[str], typer.Option(rich_help_panel=LOADING,
                                               help="float32 | bfloat16 | float16 (default: bf16 on GPU, fp32 on CPU)")]
-Threads = Annotated[Optional[int], typer.Option("--threads", "-t", rich_help_panel=LOADING,
-                                                help="CPU threads (default: the physical cores).")]
+Threads = Annotated[Optional[str], typer.Option("--threads", "-t", metavar="N", rich_help_panel=LOADING,
+                                                help="CPU threads to compute with (default: OMP_NUM_THREADS if set, "
+                                                     "else the physical cores).")]
 Experts = Annotated[str, typer.Option(rich_help_panel=CACHE, help="tiered: page routed experts through the RAM/GPU "
                                       "cache; resident: load them all up front.")]
 GpuMem = Annotated[Optional[str], typer.Option("--gpu-mem", rich_help_panel=CACHE,
@@ -79,10 +80,10 @@ def sampling_options(max_tokens: int, temperature: float, top_k: int, top_p: flo
 
 def load_options(device: str | None, dtype: str | None, experts: str, gpu_mem: str | None, ram: str | None,
                  policy: str, prefetch_depth: int, prefetch_extra: int, miss: str, trace: Path | None,
-                 belady_trace: Path | None) -> LoadOptions:
+                 belady_trace: Path | None, threads: str | None = None) -> LoadOptions:
     """The loading and cache flags as the loader's options, checked now (before anything is read)."""
     load = LoadOptions(device, dtype, experts, CacheOptions(
         gpu_mem=gpu_mem, ram=ram, policy=policy, prefetch_depth=prefetch_depth, prefetch_extra=prefetch_extra,
-        miss=miss, trace=trace, belady_trace=belady_trace))
+        miss=miss, trace=trace, belady_trace=belady_trace), threads=threads)
     load.check()
     return load

@@ -15,6 +15,7 @@ from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progre
 from rich.table import Table
 
 from moe_local.cli.common import err, out, user_errors
+from moe_local.cli.options import Threads
 from moe_local.units import format_bytes, layer_ranges
 
 
@@ -28,13 +29,13 @@ def quantize_cmd(
     src: Annotated[str, typer.Argument(metavar="SRC", help="Hugging Face checkpoint folder, hub id, or DeepSeek-V3 FP8 checkpoint.")],
     out_dir: Annotated[Path, typer.Argument(metavar="OUT", help="Folder to create the pack in.")],
     scheme: Annotated[str, typer.Option("--scheme", "-s",
-                                        help="bf16|int8|int4|nf4|ternary|ternary-absmean or a recipe (ds-dynamic-1.58, ds-dynamic-2.2).")] = "int4",
+                                        help="bf16|int8|int4|nf4|mxfp4|ternary|ternary-absmean or a recipe (ds-dynamic-1.58, ds-dynamic-2.2); mxfp4 keeps an MXFP4 checkpoint's codes as they are.")] = "int4",
     group_size: Annotated[Optional[int], typer.Option("--group-size", "-g", help="Group size for grouped schemes.")] = None,
     keep: Annotated[Optional[list[str]], typer.Option("--keep", help="PROJ=SCHEME, e.g. down_proj=int8 (repeatable).")] = None,
     layers: Annotated[Optional[list[str]], typer.Option("--layers", help="A-B=SCHEME, e.g. 0-2=int8 (repeatable).")] = None,
     calibration: Annotated[Optional[Path], typer.Option("--calibration", help="Token ids .npy for importance weighting.")] = None,
     calibration_tokens: Annotated[int, typer.Option("--calibration-tokens", help="Tokens of --calibration to use.")] = 4096,
-    dense: Annotated[Optional[str], typer.Option("--dense", help="Non-expert weights: bf16 (default) or int8.")] = None,
+    dense: Annotated[Optional[str], typer.Option("--dense", help="Non-expert matrices: bf16 (default), int8 or int4 (g32; int4:N picks the group), kept packed at run time.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the size plan and stop.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it is an existing pack.")] = False,
     revision: Annotated[Optional[str], typer.Option("--revision", help="Hub revision of SRC.")] = None,
@@ -132,16 +133,19 @@ def eval_cmd(
     device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1 or auto.")] = None,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="float32, bfloat16 or float16.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    threads: Threads = None,
 ) -> None:
     """Perplexity on a token file; with --reference, KL(reference || model) and top-1 agreement."""
     from moe_local.runtime.evaluate import check_eval_options, evaluate, load_token_ids, windows
     from moe_local.runtime.loader import load_model, resolve_device, resolve_dtype
+    from moe_local.runtime.threads import resolve_threads
 
     check_eval_options(window, max_tokens)
     resolve_dtype(dtype)
     resolve_device(device)
-    lm = load_model(model, device=device, dtype=dtype)
-    ref = load_model(reference, device=device, dtype=dtype) if reference else None
+    n_threads = resolve_threads(threads)  # refused before any weight is read
+    lm = load_model(model, device=device, dtype=dtype, threads=n_threads)
+    ref = load_model(reference, device=device, dtype=dtype, threads=n_threads) if reference else None
     ids = load_token_ids(tokens, max_tokens, lm.config.get("vocab_size"))
     total = sum(e - s - 1 for s, e in windows(ids.numel(), window))
     with Progress(TextColumn("[bold]scoring"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),

@@ -19,7 +19,7 @@ from rich.table import Table
 from moe_local.cli.common import err, out, user_errors
 from moe_local.cli.options import (BeladyTrace, Device, DType, Experts, GpuMem, IgnoreEos, MaxTokens, MinP, Miss,
                                    ModelArg, Policy, PrefetchDepth, PrefetchExtra, Ram, RepeatLastN, RepeatPenalty,
-                                   Seed, StatsJson, Stop, Temperature, TopK, TopP, TraceFile, load_options,
+                                   Seed, StatsJson, Stop, Temperature, TopK, TopP, TraceFile, Threads, load_options,
                                    sampling_options)
 from moe_local.errors import MoeLocalError
 from moe_local.runtime.generate import GenerateOptions, GenerationResult, GenerationStream
@@ -35,10 +35,11 @@ def open_session(model: str, load: LoadOptions, need_tokenizer: bool = False):
 
     t0 = time.perf_counter()
     with err.status(f"loading {escape(model)} ..."):
-        session = Session.open(model, load.device, load.dtype, provider=load.provider(), need_tokenizer=need_tokenizer)
+        session = Session.open(model, load.device, load.dtype, provider=load.provider(), need_tokenizer=need_tokenizer,
+                               threads=load.threads)
     lm = session.lm
     err.print(f"[dim]loaded {lm.model.family} from {escape(str(lm.root))} on {lm.device} ({str(lm.dtype).removeprefix('torch.')}) "
-              f"in {time.perf_counter() - t0:.1f} s[/]")
+              f"with {lm.threads} thread{'s' if lm.threads != 1 else ''} in {time.perf_counter() - t0:.1f} s[/]")
     for note in lm.model.notes():
         err.print(f"[yellow]note: {escape(note)}[/]")
     if load.cache.gpu_mem is not None and lm.device.type != "cuda":
@@ -117,7 +118,7 @@ def generate(
     max_tokens: MaxTokens = 256, temperature: Temperature = 0.8, top_k: TopK = 40, top_p: TopP = 0.95,
     min_p: MinP = 0.05, repeat_penalty: RepeatPenalty = 1.0, repeat_last_n: RepeatLastN = 64, seed: Seed = None,
     ignore_eos: IgnoreEos = False, stop: Stop = None,
-    device: Device = None, dtype: DType = None, experts: Experts = "tiered", gpu_mem: GpuMem = None,
+    threads: Threads = None, device: Device = None, dtype: DType = None, experts: Experts = "tiered", gpu_mem: GpuMem = None,
     ram: Ram = None, policy: Policy = "arc", prefetch_depth: PrefetchDepth = 1, prefetch_extra: PrefetchExtra = 2,
     miss: Miss = "auto", trace: TraceFile = None, belady_trace: BeladyTrace = None, stats_json: StatsJson = None,
 ) -> None:
@@ -125,7 +126,7 @@ def generate(
     gen = sampling_options(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed,
                            ignore_eos, stop)
     load = load_options(device, dtype, experts, gpu_mem, ram, policy, prefetch_depth, prefetch_extra, miss, trace,
-                        belady_trace)
+                        belady_trace, threads)
     if stats_json is not None:
         check_output_dir(stats_json)  # not after the whole generation
     check_prompt_options(prompt, prompt_ids, chat, system)
@@ -245,7 +246,7 @@ def chat(
     max_tokens: MaxTokens = 256, temperature: Temperature = 0.8, top_k: TopK = 40, top_p: TopP = 0.95,
     min_p: MinP = 0.05, repeat_penalty: RepeatPenalty = 1.0, repeat_last_n: RepeatLastN = 64, seed: Seed = None,
     ignore_eos: IgnoreEos = False, stop: Stop = None,
-    device: Device = None, dtype: DType = None, experts: Experts = "tiered", gpu_mem: GpuMem = None,
+    threads: Threads = None, device: Device = None, dtype: DType = None, experts: Experts = "tiered", gpu_mem: GpuMem = None,
     ram: Ram = None, policy: Policy = "arc", prefetch_depth: PrefetchDepth = 1, prefetch_extra: PrefetchExtra = 2,
     miss: Miss = "auto", trace: TraceFile = None, belady_trace: BeladyTrace = None, stats_json: StatsJson = None,
 ) -> None:
@@ -255,7 +256,7 @@ def chat(
     gen = sampling_options(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed,
                            ignore_eos, stop)
     load = load_options(device, dtype, experts, gpu_mem, ram, policy, prefetch_depth, prefetch_extra, miss, trace,
-                        belady_trace)
+                        belady_trace, threads)
     if stats_json is not None:
         check_output_dir(stats_json)  # not after the whole conversation
     session = open_session(model, load, need_tokenizer=True)

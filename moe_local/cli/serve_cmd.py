@@ -11,7 +11,7 @@ from rich.markup import escape
 
 from moe_local.cli.common import err, user_errors
 from moe_local.cli.options import (BeladyTrace, Device, DType, Experts, GpuMem, Miss, ModelArg, Policy, PrefetchDepth,
-                                   PrefetchExtra, Ram, StatsJson, TraceFile, load_options)
+                                   PrefetchExtra, Ram, StatsJson, TraceFile, Threads, load_options)
 from moe_local.cli.run_cmds import open_session, write_stats
 from moe_local.runtime.report import check_output_dir
 from moe_local.errors import MoeLocalError
@@ -60,7 +60,7 @@ def serve(
     max_queue: Annotated[int, typer.Option(min=0, rich_help_panel=_SERVER_PANEL, help="Requests that may wait behind the running one; more get 503.")] = 64,
     alias: Annotated[Optional[str], typer.Option(rich_help_panel=_SERVER_PANEL, help="Model name clients use (default: the folder or repo name).")] = None,
     ctx_size: Annotated[Optional[int], typer.Option("--ctx-size", "-c", min=2, rich_help_panel=_SERVER_PANEL, help="KV cache positions, prompt + reply (default: the model's context, at most 4096).")] = None,
-    device: Device = None, dtype: DType = None, experts: Experts = "tiered", gpu_mem: GpuMem = None,
+    threads: Threads = None, device: Device = None, dtype: DType = None, experts: Experts = "tiered", gpu_mem: GpuMem = None,
     ram: Ram = None, policy: Policy = "arc", prefetch_depth: PrefetchDepth = 1, prefetch_extra: PrefetchExtra = 2,
     miss: Miss = "auto", trace: TraceFile = None, belady_trace: BeladyTrace = None, stats_json: StatsJson = None,
 ) -> None:
@@ -69,7 +69,7 @@ def serve(
     from moe_local.serve.server import ServeOptions, bind, build, serve as run_server
 
     load = load_options(device, dtype, experts, gpu_mem, ram, policy, prefetch_depth, prefetch_extra, miss, trace,
-                        belady_trace)
+                        belady_trace, threads)
     if ctx_size is not None:
         load.cache.context = ctx_size  # the GPU budget reserves KV for the context the server will use
     if stats_json is not None:

@@ -37,12 +37,14 @@ from moe_local.loading.hf_experts import CheckpointExperts
 from moe_local.loading.hub import resolve_model_dir
 from moe_local.models import build_model, checkpoint_experts, weight_refs
 from moe_local.models.base import CausalLM
-from moe_local.formats.pack import (ALIGN, COPIED_FILES, DENSE_FILE, EXPERT_FILE, FORMAT, MANIFEST, PAD_PREFIX,
-                                    PROJECTIONS, VERSION, Pack, PackedExpertLayout, SafetensorsPlan, SafetensorsWriter, crc32,
+from moe_local.formats.pack import (ALIGN, BIAS, COPIED_FILES, DENSE_FILE, EXPERT_FILE, FORMAT, MANIFEST,
+                                    MINOR_VERSION, PAD_PREFIX, PROJECTIONS, VERSION, Pack, PackedExpertLayout,
+                                    SafetensorsPlan, SafetensorsWriter, crc32,
                                     dense_part_name, expert_tensor_name, is_pack, numel, pack_size, plan_expert_layout,
                                     tensor_bytes)
+from moe_local.formats.schemes import PackedWeight
 from moe_local.convert.calibration import calibrate
-from moe_local.convert.recipes import Recipe, SchemeSpec, scheme_spec
+from moe_local.convert.recipes import Recipe, SchemeSpec, dense_spec
 
 SHARD_BYTES = 4 << 30  # experts per file up to this size (one expert never spans two files)
 _HF_BLOB = re.compile(r"^[0-9a-f]{64}$")
@@ -111,7 +113,7 @@ def _float_dtype(st: str) -> torch.dtype:
 
 
 def _is_router(name: str, shape: tuple[int, ...], num_experts: int) -> bool:
-    return len(shape) == 2 and shape[0] == num_experts and name.endswith("gate.weight")
+    return len(shape) == 2 and shape[0] == num_experts and name.endswith(("gate.weight", "router.weight"))
 
 
 def make_plan(src: Path, recipe: Recipe, shard_bytes: int = SHARD_BYTES) -> Plan:
@@ -139,7 +141,7 @@ def make_plan(src: Path, recipe: Recipe, shard_bytes: int = SHARD_BYTES) -> Plan
             if spec not in schemes:
                 schemes[spec] = spec.build()
             per_proj[proj] = schemes[spec]
-        layout = plan_expert_layout(per_proj, shapes)
+        layout = plan_expert_layout(per_proj, shapes, biases=model.checkpoint_map.expert_biases is not None)
         key = json.dumps(layout.to_json(), sort_keys=True)
         if key not in by_json:
             by_json[key] = str(layer)
@@ -176,19 +178,20 @@ def make_plan(src: Path, recipe: Recipe, shard_bytes: int = SHARD_BYTES) -> Plan
     # non-expert weights: exactly what load_weights reads (the same walk), nothing else (no MTP layers)
     dense: list[DenseItem] = []
     dense_plan = SafetensorsPlan()
-    int8 = scheme_spec("int8").build() if recipe.dense == "int8" else None
+    spec = dense_spec(recipe.dense)
+    dense_scheme = spec.build() if spec is not None else None
     for ref in weight_refs(model, ckpt):
         name, shape = ref.name, ref.shape
         item = DenseItem(name, shape, _source_nbytes(ckpt, name))
         st = _st_dtype(ckpt, name)
         if len(shape) != 2:
             item.out_dtype = _float_dtype(st)  # norms, biases, router bias: never rounded
-        elif int8 is not None and not _is_router(name, shape, a.num_experts):
-            item.scheme = int8
+        elif dense_scheme is not None and not _is_router(name, shape, a.num_experts):
+            item.scheme = dense_scheme
         else:
             item.out_dtype = torch.bfloat16
         if item.scheme is not None:
-            for part, (pshape, pdtype) in int8.tensor_specs(shape).items():
+            for part, (pshape, pdtype) in item.scheme.tensor_specs(shape).items():
                 dense_plan.add(dense_part_name(name, part), pdtype, tuple(pshape))
         else:
             dense_plan.add(name, item.out_dtype, shape)
@@ -365,7 +368,13 @@ def _release_source(plan: Plan) -> None:
     plan.ckpt.release()
 
 
-def _quantize(scheme, w: torch.Tensor, importance: torch.Tensor | None, name: str) -> dict[str, torch.Tensor]:
+def _quantize(scheme, w, importance: torch.Tensor | None, name: str) -> dict[str, torch.Tensor]:
+    """The packed tensors of `w` in `scheme`. A source weight already packed in that very scheme
+    (gpt-oss's MXFP4 codes) is kept byte for byte; one packed otherwise is dequantized first."""
+    if isinstance(w, PackedWeight):
+        if w.scheme == scheme:
+            return {k: v.contiguous() for k, v in w.packed.items()}
+        w = w.dequantize()
     try:
         return scheme.quantize(w.float(), importance=importance)
     except MoeLocalError as exc:
@@ -392,6 +401,11 @@ def _write_experts(plan: Plan, tmp: Path, calibration, progress: QuantizeProgres
                     name = f"{names[0 if i < 2 else 1]}[{e}]" if fused else names[i]
                     imp = calibration.importance(layer, e, proj) if calibration is not None else None
                     packed = _quantize(plan.schemes[plan.specs[(layer, proj)]], getattr(w, proj), imp, name)
+                    bias = getattr(w, f"{proj}_bias")
+                    if any(t.name == BIAS for t in p.tensors):
+                        if bias is None:
+                            raise MoeLocalError(f"{name}: the checkpoint has no bias for this expert's {proj}")
+                        packed = {**packed, BIAS: bias.float()}
                     for t in p.tensors:
                         got = packed.get(t.name)
                         if got is None or got.dtype != t.dtype or tuple(got.shape) != t.shape:
@@ -575,6 +589,7 @@ def _manifest(plan: Plan, ref: str, src: Path, ranges: list[dict], calibration, 
     return {
         "format": FORMAT,
         "version": VERSION,
+        "minor_version": MINOR_VERSION,
         "created_by": f"moe-local {__version__}",
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "source": _source_info(ref, src, plan, hash_files),

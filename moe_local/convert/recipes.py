@@ -29,7 +29,9 @@ PROJ_ALIASES = {
     "up": "up", "up_proj": "up", "w3": "up",
     "down": "down", "down_proj": "down", "w2": "down",
 }
-DENSE_SCHEMES = ("bf16", "int8")
+# --dense: how the non-expert matrices are stored (norms, biases and routers always stay precise).
+# int8 is per output channel; int4 uses groups of 32, chosen by measured quality (docs/quality.md: g32/g64/g128).
+DENSE_SCHEMES = {"bf16": None, "int8": "int8", "int4": "int4:32"}
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,13 @@ def scheme_spec(name: str, group_size: int | None = None) -> SchemeSpec:
         params["group_size"] = int(group_size)
     get_scheme(base, **params)  # validate the parameters now, not half-way through a run
     return SchemeSpec(base, json.dumps({**defaults, **params}, sort_keys=True))
+
+
+def dense_spec(dense: str) -> "SchemeSpec | None":
+    """The scheme of the non-expert matrices for a `--dense` value (None: stored as bf16)."""
+    base, _, group = dense.partition(":")
+    spec = DENSE_SCHEMES[base]
+    return None if spec is None else scheme_spec(f"{base}:{group}" if group else spec)
 
 
 @dataclass(frozen=True)
@@ -171,7 +180,9 @@ def build_recipe(
             raise MoeLocalError(f"bad --layers {item!r}: the range ends before it starts")
         recipe.layers.append((first, last, scheme_spec(m.group(3), group_size)))
     if dense is not None:
-        if dense not in DENSE_SCHEMES:
-            raise MoeLocalError(f"bad --dense {dense!r}: expected one of {', '.join(DENSE_SCHEMES)}")
+        base, _, group = dense.partition(":")
+        if base not in DENSE_SCHEMES or (group and base != "int4"):
+            raise MoeLocalError(f"bad --dense {dense!r}: expected one of {', '.join(DENSE_SCHEMES)} (or int4:GROUP)")
+        dense_spec(dense)  # a bad int4 group size is refused now
         recipe.dense = dense
     return recipe

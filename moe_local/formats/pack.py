@@ -28,19 +28,24 @@ import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from safetensors import safe_open
 
 from moe_local.errors import CheckpointError, MoeLocalError
 from moe_local.experts import ExpertWeights
+from moe_local.formats import kernels_cpu
 from moe_local.formats.schemes import PackedWeight, get_scheme
 from moe_local.loading.checkpoint import check_shape, read_json
-from moe_local.units import BY_TORCH, DTYPES, dtype_name
+from moe_local.units import BY_SAFETENSORS, BY_TORCH, DTYPES, dtype_name
 
 FORMAT = "moe-local-pack"
 VERSION = 1
+# Minor versions add optional fields a reader of the same VERSION can do without: 1 = expert
+# biases (a projection's `bias` tensor in the layout, gpt-oss). Packs without them still open.
+MINOR_VERSION = 1
+BIAS = "bias"  # the layout tensor name of a projection's optional bias (float32 [out])
 MANIFEST = "moe-pack.json"
 DENSE_FILE = "model.safetensors"
 EXPERT_FILE = "experts-{:05d}.safetensors"
@@ -177,14 +182,19 @@ class PackedExpertLayout:
         return layout
 
 
-def plan_expert_layout(schemes: dict[str, Any], shapes: dict[str, tuple[int, int]]) -> PackedExpertLayout:
-    """Lay out gate, up, down back to back, each packed tensor 16-byte aligned (so `.view(dtype)` works)."""
+def plan_expert_layout(schemes: dict[str, Any], shapes: dict[str, tuple[int, int]],
+                       biases: bool = False) -> PackedExpertLayout:
+    """Lay out gate, up, down back to back, each packed tensor 16-byte aligned (so `.view(dtype)` works).
+    With `biases`, each projection's float32 bias [out] follows its packed tensors (named BIAS)."""
     cursor = 0
     projections: dict[str, ProjLayout] = {}
     for proj in PROJECTIONS:
         scheme, shape = schemes[proj], tuple(shapes[proj])
         slots = []
-        for name, (tshape, dtype) in scheme.tensor_specs(shape).items():
+        specs = dict(scheme.tensor_specs(shape))
+        if biases:
+            specs[BIAS] = ((shape[0],), torch.float32)
+        for name, (tshape, dtype) in specs.items():
             cursor = align_up(cursor, TENSOR_ALIGN)
             slot = TensorSlot(name, dtype, tuple(int(s) for s in tshape), cursor)
             slots.append(slot)
@@ -499,6 +509,30 @@ class Pack:
                     f"corrupt, quantize it again", self.dense_path)
         return tensor
 
+    def dtype(self, name: str) -> str:
+        """The stored safetensors dtype ("BF16") of a float tensor; a quantized one's is its codes'."""
+        self.file_of(name)
+        q = self._quantized.get(name)
+        return self._dense.get_slice(q["parts"]["codes"] if q else name).get_dtype()
+
+    def packed_nbytes(self, name: str) -> int | None:
+        """Bytes of a quantized tensor's parts, from the header (None for a tensor stored as floats)."""
+        q = self._quantized.get(name)
+        if q is None:
+            return None
+        return sum(numel(self._dense.get_slice(stored).get_shape()) * BY_SAFETENSORS[
+            self._dense.get_slice(stored).get_dtype()].itemsize for stored in q["parts"].values())
+
+    def packed(self, name: str) -> PackedWeight | None:
+        """A quantized non-expert tensor as it is stored (`--dense int8|int4`): a PackedWeight over
+        its parts, to be computed from without expanding it; None for a tensor stored as floats."""
+        q = self._quantized.get(name)
+        if q is None:
+            return None
+        scheme = self._scheme(q["scheme"], q.get("params", {}))
+        parts = {part: self._dense_tensor(stored) for part, stored in q["parts"].items()}
+        return PackedWeight(scheme, parts, tuple(q["shape"]))
+
     # ----------------------------------------------------------------- expert API
     def expert_range(self, layer: int, expert: int) -> ExpertRange:
         try:
@@ -569,18 +603,24 @@ class Pack:
         layout = self.layouts[r.layout]
         if buf.dtype != torch.uint8 or buf.dim() != 1 or buf.numel() < r.length:
             raise ValueError(f"decode needs a 1-D uint8 buffer of at least {r.length} bytes")
-        projs = {}
+        projs, biases = {}, {}
         for proj, p in layout.projections.items():
             packed = {
                 t.name: buf[t.offset : t.offset + t.nbytes].view(t.dtype).view(t.shape) for t in p.tensors
             }
+            biases[proj] = packed.pop(BIAS, None)
             projs[proj] = PackedWeight(scheme=self._scheme(p.scheme, p.params), packed=packed, shape=p.shape)
-        return ExpertWeights(projs["gate"], projs["up"], projs["down"])
+        return ExpertWeights(projs["gate"], projs["up"], projs["down"], biases["gate"], biases["up"], biases["down"])
 
     def load(self, layer: int, expert: int) -> ExpertWeights:
         """The expert's weights viewing the memory map in place (nothing read yet: pages come in on
         first use, which is when `ResidentExperts` calls `verify_expert`)."""
         return self.decode(self.view(layer, expert), layer, expert)
+
+    def grouped_kernel(self, experts: Sequence[ExpertWeights], act: str) -> kernels_cpu.LayerKernel | None:
+        """One kernel call per MoE layer over these (decoded) experts on the CPU, or None where the
+        kernels do not cover them: what `ResidentExperts` uses for a pack by default."""
+        return kernels_cpu.layer_kernel(experts, act)
 
     # ----------------------------------------------------------------- description (for `inspect`)
     def describe(self) -> dict:

@@ -9,7 +9,8 @@ FP8 checkpoints (DeepSeek-V3, and the other hub releases in the same format) sto
 codes plus one inverse scale per 128x128 block in the companion tensor `<name>_scale_inv`. That is
 how the file stores the tensor, not a tensor of its own: the companion is not listed by `names()`
 and the weight is dequantized on the way out, so model code and the family's `CheckpointMap` only
-ever see real numbers under the weight's own name.
+ever see real numbers under the weight's own name. The same holds for compressed-tensors packed
+integer weights (`<name>_packed` / `_scale` / `_shape`, Kimi-K2.5's INT4 experts: `compressed.py`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from safetensors import safe_open
 
 from moe_local.errors import CheckpointError
+from moe_local.loading import compressed
 from moe_local.loading.hub import resolve_model_dir
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -63,7 +65,10 @@ class Checkpoint:
         # tensor -> its FP8 block-scale companion; companions are part of their tensor, not names
         self._scales: dict[str, str] = {n[: -len(FP8_SCALE_SUFFIX)]: n for n in self._file_of
                                         if n.endswith(FP8_SCALE_SUFFIX) and n[: -len(FP8_SCALE_SUFFIX)] in self._file_of}
-        self._names = sorted(set(self._file_of) - set(self._scales.values()))
+        # compressed-tensors packed integer weights (Kimi-K2.5's INT4 experts): <p>.weight -> <p>.
+        self._packed = compressed.packed_weights(self._file_of)
+        hidden = set(self._scales.values()) | {c for p in self._packed.values() for c in compressed.companions(p)}
+        self._names = sorted((set(self._file_of) | set(self._packed)) - hidden)
         self._name_set = set(self._names)
 
     # ----------------------------------------------------------------- layout
@@ -116,14 +121,20 @@ class Checkpoint:
     def file_of(self, name: str) -> Path:
         if name not in self._name_set:
             raise CheckpointError(f"tensor {name!r} not found in the checkpoint", self.root)
+        if name in self._packed:
+            return self._file_of[self._packed[name] + compressed.PACKED]
         return self._file_of[name]
 
     def shape(self, name: str) -> tuple[int, ...]:
-        """Shape without reading the data."""
+        """Shape without reading the data (of a packed weight: its 2-element weight_shape)."""
+        if name in self._packed:
+            return tuple(int(v) for v in self._read(self._packed[name] + compressed.SHAPE).tolist())
         return tuple(self._open(self.file_of(name)).get_slice(name).get_shape())
 
     def dtype(self, name: str) -> str:
         """The stored safetensors dtype string ("BF16", "F8_E4M3", ...), read from the header only."""
+        if name in self._packed:
+            return self._open(self.file_of(name)).get_slice(self._packed[name] + compressed.PACKED).get_dtype()
         return self._open(self.file_of(name)).get_slice(name).get_dtype()
 
     def release(self) -> None:
@@ -139,6 +150,11 @@ class Checkpoint:
         With `shape`, a mismatch is a CheckpointError naming the shard and the tensor.
         """
         path = self.file_of(name)
+        if name in self._packed:
+            tensor = self._dequantize_packed(name)
+            if shape is not None:
+                check_shape(name, tuple(tensor.shape), shape, path)
+            return tensor
         tensor = self._read(name)
         scale_name = self._scales.get(name)
         if scale_name is not None and tensor.dtype == getattr(torch, "float8_e4m3fn", None):
@@ -155,6 +171,17 @@ class Checkpoint:
             raise
         except Exception as exc:
             raise CheckpointError(f"cannot read tensor {name!r} ({exc})", path) from None
+
+    def _dequantize_packed(self, name: str) -> torch.Tensor:
+        prefix = self._packed[name]
+        if prefix + compressed.ZERO_POINT in self._file_of:
+            raise CheckpointError(f"tensor {name!r} is packed with a zero point (asymmetric), which is not "
+                                  "supported; only symmetric pack-quantized weights are", self.file_of(name))
+        try:
+            return compressed.dequantize_packed(self._read(prefix + compressed.PACKED),
+                                                self._read(prefix + compressed.SCALE), self.shape(name))
+        except ValueError as exc:
+            raise CheckpointError(f"tensor {name!r}: {exc}", self.file_of(name)) from None
 
     def get_expert_slice(self, name: str, index: int) -> torch.Tensor:
         """Row `index` of a fused 3-D expert tensor, read without loading the other experts."""

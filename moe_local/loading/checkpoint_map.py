@@ -10,7 +10,7 @@ family's map is the defaults. What a map states:
   (Mixtral: w1, w3, w2); or fused, `<experts>.<gate_up>` [E, 2I, H] (gate half first) and
   `<experts>.<down>` [E, H, I] with `fused` naming those two.
 - `renames`: (our prefix, checkpoint prefix) pairs for a family whose module names differ from its
-  checkpoint's names; the first matching pair applies. Empty for every family today.
+  checkpoint's names; the first matching pair applies (Kimi-K2.5: its text model under `language_model.`).
   `substitutions`: (our fragment, checkpoint fragment) pairs replaced anywhere in a name (gpt-oss
   calls the router `mlp.router`, ours is `mlp.gate` in every family).
 - gpt-oss's fused experts differ three ways, each a flag: `fused_transposed` (save_pretrained
@@ -66,6 +66,8 @@ class CheckpointMap:
 
     def our_name(self, name: str) -> str:
         """The inverse of `checkpoint_name`: a checkpoint tensor's name in our parameter naming."""
+        for ours, theirs in self.substitutions:
+            name = name.replace(theirs, ours)
         for ours, theirs in self.renames:
             if name.startswith(theirs):
                 return ours + name[len(theirs):]

@@ -11,8 +11,9 @@ import importlib
 import torch
 
 from moe_local.errors import ConfigError
+from moe_local.formats.schemes import PackedWeight
 from moe_local.models.base import CausalLM, ModelArgs
-from moe_local.models.weights import checkpoint_experts, weight_refs
+from moe_local.models.weights import checkpoint_experts, held_dtype, weight_refs
 
 # model_type -> "module:Class"; imported on demand so one family's import cost is not everyone's.
 FAMILIES: dict[str, str] = {
@@ -28,7 +29,9 @@ FAMILIES: dict[str, str] = {
     "qwen3_5_moe_text": "moe_local.models.qwen3_5_moe:Qwen35Moe",  # what transformers saves for the text model
     "glm4_moe": "moe_local.models.glm4_moe:Glm4Moe",
     "kimi_k25": "moe_local.models.kimi_k25:KimiK25",  # the text model of the multimodal checkpoint
+    "kimi_k2": "moe_local.models.kimi_k25:KimiK2",  # Kimi-K2's text-only checkpoints (DeepSeek-V3 exactly)
     "minimax_m2": "moe_local.models.minimax_m2:MiniMaxM2",
+    "deepseek": "moe_local.models.deepseek_moe:DeepseekMoe",  # DeepSeekMoE 16B (hub remote code)
     "gpt_oss": "moe_local.models.gpt_oss:GptOss",
 }
 
@@ -55,20 +58,38 @@ def load_weights(model: CausalLM, ckpt, device: torch.device | str, dtype: torch
                  progress=None) -> None:
     """Copy every non-expert parameter from the checkpoint (shape-checked), then drop meta tensors.
 
-    Routed experts are skipped: they belong to an ExpertProvider, never to the model.
+    Matrices stay at their storage dtype (`held_dtype`); a pack's quantized dense tensors stay packed
+    (`PackedWeight`, from `ckpt.packed`) and replace the module's `weight` parameter, so they are
+    computed from their packed bytes by `formats.compute.linear` (and gathered row-wise by the
+    embedding). Routed experts are skipped: they belong to an ExpertProvider, never to the model.
     """
     state: dict[str, torch.Tensor] = {}
+    packed: dict[str, PackedWeight] = {}
+    get_packed = getattr(ckpt, "packed", None)  # a Pack has it; a Checkpoint holds no packed tensors
     for ref in weight_refs(model, ckpt):
-        tensor = ckpt.get(ref.name, shape=ref.shape)
-        state[ref.param] = tensor.to(device=device, dtype=torch.float32 if ref.fp32 else dtype)
+        pw = get_packed(ref.name) if get_packed is not None and not ref.fp32 else None
+        if pw is not None:
+            packed[ref.param] = pw.to(device)
+        else:
+            tensor = ckpt.get(ref.name, shape=ref.shape)
+            state[ref.param] = tensor.to(device=device, dtype=held_dtype(tensor.dim(), tensor.dtype, dtype, ref.fp32))
         if progress is not None:
             progress(1)
-    if "lm_head.weight" not in state:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
+    emb = "model.embed_tokens.weight"
+    if "lm_head.weight" not in state and "lm_head.weight" not in packed:
+        (packed if emb in packed else state)["lm_head.weight"] = packed.get(emb, state.get(emb))
+    result = model.load_state_dict(state, strict=False, assign=True)
+    if result.unexpected_keys or set(result.missing_keys) != set(packed):
+        raise RuntimeError(f"load_weights: parameters left unfilled {sorted(set(result.missing_keys) - set(packed))}")
+    for param, pw in packed.items():
+        module_name, _, attr = param.rpartition(".")
+        module = model.get_submodule(module_name)
+        delattr(module, attr)  # the meta parameter: a packed weight is not an nn.Parameter
+        setattr(module, attr, pw)
     if model.args.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
+    model.run_dtype = dtype
 
 
-__all__ = ["FAMILIES", "CausalLM", "ModelArgs", "build_model", "checkpoint_experts", "family_class", "load_weights",
+__all__ = ["FAMILIES", "CausalLM", "ModelArgs", "build_model", "checkpoint_experts", "family_class", "held_dtype", "load_weights",
            "weight_refs"]

@@ -43,7 +43,7 @@ from moe_local.errors import ConfigError
 from moe_local.experts import ACTIVATIONS
 from moe_local.models.config_values import check_config_value
 from moe_local.loading.checkpoint_map import CheckpointMap
-from moe_local.models.layers import ExpertsHandle, RMSNorm, Rope, RopeConfig, Router
+from moe_local.models.layers import Embedding, ExpertsHandle, Linear, RMSNorm, Rope, RopeConfig, Router
 from moe_local.models.lookahead import RouterLookahead
 
 Tap = Callable[[str, torch.Tensor], None]  # (site, normed hidden state) inside one decoder layer
@@ -213,7 +213,7 @@ class DecoderLayer(nn.Module):
 class Backbone(nn.Module):
     def __init__(self, args: ModelArgs, layers: list[DecoderLayer], norm: type[nn.Module] = RMSNorm) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.embed_tokens = Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(layers)
         self.norm = norm(args.hidden_size, args.rms_norm_eps)
 
@@ -231,7 +231,10 @@ class CausalLM(nn.Module):
         self.args = args
         self.experts = ExpertsHandle()
         self.model = Backbone(args, [self.make_layer(i) for i in range(args.num_hidden_layers)], self.Norm)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
+        # The dtype activations, caches and rope tables run in (set by `load_weights`). Not any
+        # weight's dtype: matmul weights stay as stored (bf16 on a float32 CPU run) or packed.
+        self.run_dtype: torch.dtype = torch.float32
         self.rope: Rope | None = None
         self.max_len = 0
         # bumped by every forward and every setup_cache: whatever may have changed the KV cache's
@@ -239,6 +242,11 @@ class CausalLM(nn.Module):
         self.kv_version = 0
         self._listeners: list[tuple[frozenset[tuple[int, str]], Callable[[int, torch.Tensor, str], None]]] = []
         self._taps: dict[int, Tap] = {}
+
+    @property
+    def run_device(self) -> torch.device:
+        """Where the model computes: the final norm's device (a norm is always a plain tensor)."""
+        return self.model.norm.weight.device
 
     # ------------------------------------------------------------ family hooks
     def make_layer(self, i: int) -> DecoderLayer:
@@ -254,7 +262,7 @@ class CausalLM(nn.Module):
     # ------------------------------------------------------------ running
     def setup_cache(self, max_len: int) -> None:
         """Allocate the KV cache (and rope tables) for sequences of up to max_len tokens."""
-        device, dtype = self.lm_head.weight.device, self.lm_head.weight.dtype
+        device, dtype = self.run_device, self.run_dtype
         self.max_len = max_len
         self.kv_version += 1
         self.rope = self.make_rope(max_len, device, dtype)
@@ -270,7 +278,7 @@ class CausalLM(nn.Module):
         for layer in self.model.layers:
             attn, old = layer.mixer, layer.mixer.cache
             try:
-                attn.setup_cache(context, torch.device("meta"), dtype or self.lm_head.weight.dtype)
+                attn.setup_cache(context, torch.device("meta"), dtype or self.run_dtype)
                 total += attn.cache.nbytes()
             finally:
                 attn.cache = old
@@ -338,7 +346,7 @@ class CausalLM(nn.Module):
         assert self.rope is not None
         self.kv_version += 1
         rope = self.rope(start, T)
-        x = self.model.embed_tokens(tokens)
+        x = self.model.embed_tokens(tokens, self.run_dtype)
         for i, layer in enumerate(self.model.layers):
             if on_layer is not None:
                 on_layer(i, x)

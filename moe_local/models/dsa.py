@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_local.models.layers import apply_rope, attention_mask
+from moe_local.models.layers import Linear, apply_rope, attention_mask
 from moe_local.models.mla import MLACache, MLAOptions, MLAttention
 
 # Query rows scored at once: bounds the [rows, heads, keys] float32 score block to ~64 MiB at long contexts.
@@ -61,11 +61,11 @@ class Indexer(nn.Module):
     def __init__(self, o: IndexerOptions) -> None:
         super().__init__()
         self.o = o
-        self.wq_b = nn.Linear(o.q_lora_rank, o.heads * o.head_dim, bias=False)
-        self.wk = nn.Linear(o.hidden, o.head_dim, bias=False)
+        self.wq_b = Linear(o.q_lora_rank, o.heads * o.head_dim, bias=False)
+        self.wk = Linear(o.hidden, o.head_dim, bias=False)
         self.k_norm = nn.LayerNorm(o.head_dim, eps=1e-6)
         # kept in float32 whatever the model dtype (the family's keep_fp32), as the reference keeps it
-        self.weights_proj = nn.Linear(o.hidden, o.heads, bias=False)
+        self.weights_proj = Linear(o.hidden, o.heads, bias=False)
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Half-split RoPE on the first rope_dim dims. x: [T, ..., D]; cos/sin: [T, rope_dim]."""

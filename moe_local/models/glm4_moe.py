@@ -9,7 +9,8 @@ As transformers' Glm4Moe* classes have it:
   RMSNorm per head on q and k before RoPE.
 - Routing: sigmoid scores, the float32 `e_score_correction_bias` added for selection only, groups
   (`n_group`, keep `topk_group`), weights renormalised if `norm_topk_prob`, times
-  `routed_scaling_factor` (`routing.deepseek_v3_noaux_tc`, the DeepSeek-V3 router).
+  `routed_scaling_factor` (`routing.deepseek_v3_noaux_tc`, the DeepSeek-V3 router); the router's
+  weight and bias stay float32 in any run dtype (transformers' `_keep_in_fp32_modules_strict`).
 - Layers before `first_k_dense_replace` are a dense MLP; every later layer routes and adds
   `n_shared_experts` shared experts (one SwiGLU of n_shared_experts * moe_intermediate_size).
 
@@ -76,7 +77,8 @@ class Glm4MoeArgs(ModelArgs):
 class Glm4Moe(CausalLM):
     family = "glm4_moe"
     Args = Glm4MoeArgs
-    checkpoint_map = CheckpointMap(keep_fp32=("e_score_correction_bias",), ignore_extra_layers=True)
+    # the router's weight and bias stay float32 whatever the run dtype, as transformers keeps them
+    checkpoint_map = CheckpointMap(keep_fp32=("e_score_correction_bias", "mlp.gate.weight"), ignore_extra_layers=True)
 
     def make_layer(self, i: int) -> DecoderLayer:
         a = self.args

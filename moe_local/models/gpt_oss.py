@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moe_local.errors import ConfigError
 from moe_local.experts import ClampedSwiGLU
+from moe_local.formats.compute import linear
 from moe_local.loading.checkpoint_map import CheckpointMap
 from moe_local.models.base import CausalLM, DecoderLayer, ModelArgs
 from moe_local.models.layers import Attention, AttentionOptions, Router, SparseMoE
@@ -31,7 +31,7 @@ def softmax_of_topk_logits(top_k: int):
     """gpt-oss: logits = W x + b; keep the top-k logits; their softmax is the weights (in x's dtype)."""
 
     def rule(router, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = F.linear(x, router.weight, router.bias)
+        logits = linear(x, router.weight, router.bias)
         top, ids = torch.topk(logits, top_k, dim=-1)
         return ids, torch.softmax(top, dim=1, dtype=top.dtype)
 
@@ -46,7 +46,7 @@ class BiasedRouter(Router):
         self.bias = nn.Parameter(torch.empty(num_experts))
 
     def selection_scores(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.to(self.weight.dtype), self.weight, self.bias).float()
+        return linear(x, self.weight, self.bias).float()
 
 
 @dataclass
@@ -57,6 +57,7 @@ class GptOssArgs(ModelArgs):
     swiglu_alpha: float = 1.702  # not in the hub configs: transformers' (and OpenAI's) constant
     swiglu_limit: float = 7.0
     aliases: ClassVar[dict[str, str]] = {"num_local_experts": "num_experts"}
+    positive: ClassVar[tuple[str, ...]] = ModelArgs.positive + ("sliding_window", "swiglu_alpha", "swiglu_limit")
 
     def __post_init_args__(self) -> None:
         super().__post_init_args__()
@@ -67,6 +68,10 @@ class GptOssArgs(ModelArgs):
         if len(self.layer_types) != self.num_hidden_layers:
             raise ConfigError(f"config.json: layer_types has {len(self.layer_types)} entries for "
                               f"{self.num_hidden_layers} layers")
+        unknown = sorted(set(self.layer_types) - {"sliding_attention", "full_attention"})
+        if unknown:
+            raise ConfigError(f"config.json: layer_types holds {unknown[0]!r}; gpt-oss layers are "
+                              "'sliding_attention' or 'full_attention'")
 
     def window(self, layer: int) -> int | None:
         return self.sliding_window if self.layer_types[layer] == "sliding_attention" else None

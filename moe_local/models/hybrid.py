@@ -34,7 +34,7 @@ from torch import nn
 
 from moe_local.experts import ACTIVATIONS
 from moe_local.models.base import CausalLM
-from moe_local.models.layers import KVCache, apply_rope, attend_grouped, attention_mask
+from moe_local.models.layers import KVCache, Linear, apply_rope, attend_grouped, attention_mask
 
 CHUNK = 64  # the reference's chunk length for the delta rule
 
@@ -88,10 +88,10 @@ class GatedAttention(nn.Module):
     def __init__(self, o: GatedAttentionOptions) -> None:
         super().__init__()
         self.o = o
-        self.q_proj = nn.Linear(o.hidden, o.heads * o.head_dim * 2, bias=o.bias)
-        self.k_proj = nn.Linear(o.hidden, o.kv_heads * o.head_dim, bias=o.bias)
-        self.v_proj = nn.Linear(o.hidden, o.kv_heads * o.head_dim, bias=o.bias)
-        self.o_proj = nn.Linear(o.heads * o.head_dim, o.hidden, bias=o.bias)
+        self.q_proj = Linear(o.hidden, o.heads * o.head_dim * 2, bias=o.bias)
+        self.k_proj = Linear(o.hidden, o.kv_heads * o.head_dim, bias=o.bias)
+        self.v_proj = Linear(o.hidden, o.kv_heads * o.head_dim, bias=o.bias)
+        self.o_proj = Linear(o.heads * o.head_dim, o.hidden, bias=o.bias)
         self.q_norm = ZeroCenteredRMSNorm(o.head_dim, o.rms_eps)
         self.k_norm = ZeroCenteredRMSNorm(o.head_dim, o.rms_eps)
         self.cache: KVCache | None = None
@@ -223,18 +223,18 @@ class GatedDeltaNet(nn.Module):
         super().__init__()
         self.o = o
         if o.fused_projections:
-            self.in_proj_qkvz = nn.Linear(o.hidden, 2 * o.key_dim + 2 * o.value_dim, bias=False)
-            self.in_proj_ba = nn.Linear(o.hidden, 2 * o.v_heads, bias=False)
+            self.in_proj_qkvz = Linear(o.hidden, 2 * o.key_dim + 2 * o.value_dim, bias=False)
+            self.in_proj_ba = Linear(o.hidden, 2 * o.v_heads, bias=False)
         else:
-            self.in_proj_qkv = nn.Linear(o.hidden, o.conv_dim, bias=False)
-            self.in_proj_z = nn.Linear(o.hidden, o.value_dim, bias=False)
-            self.in_proj_b = nn.Linear(o.hidden, o.v_heads, bias=False)
-            self.in_proj_a = nn.Linear(o.hidden, o.v_heads, bias=False)
+            self.in_proj_qkv = Linear(o.hidden, o.conv_dim, bias=False)
+            self.in_proj_z = Linear(o.hidden, o.value_dim, bias=False)
+            self.in_proj_b = Linear(o.hidden, o.v_heads, bias=False)
+            self.in_proj_a = Linear(o.hidden, o.v_heads, bias=False)
         self.conv1d = nn.Conv1d(o.conv_dim, o.conv_dim, o.conv_kernel, groups=o.conv_dim, bias=False)
         self.dt_bias = nn.Parameter(torch.ones(o.v_heads))
         self.A_log = nn.Parameter(torch.zeros(o.v_heads))
         self.norm = GatedRMSNorm(o.v_dim, o.rms_eps)
-        self.out_proj = nn.Linear(o.value_dim, o.hidden, bias=False)
+        self.out_proj = Linear(o.value_dim, o.hidden, bias=False)
         self.act = ACTIVATIONS[o.act]
         self.cache: DeltaNetState | None = None
 

@@ -11,6 +11,10 @@ What is Kimi's own, as transformers' Kimi_K25* classes have it:
   and its head as `language_model.lm_head.weight` (the hub layout), then DeepSeek-V3's names. The
   vision tower (`vision_tower.*`) and the projector (`mm_projector.*`) are not loaded, said once.
   Multi-token-prediction layers past `num_hidden_layers`, if any, are skipped as in V3.
+
+The text-only Kimi-K2 checkpoints (K2-Base / -Instruct / -Thinking: `model_type: kimi_k2`, the hub's
+remote code, V3's layout under `model.`) are DeepSeek-V3 exactly: `KimiK2` below, V3's map. Their FP8
+(K2-Instruct) and INT4 (K2-Thinking) weights are dequantized on load like K2.5's.
 """
 
 from __future__ import annotations
@@ -46,3 +50,7 @@ class KimiK25(DeepseekV3):
 
     def notes(self) -> list[str]:
         return ["the vision tower (vision_tower.*, mm_projector.*) is not loaded: text only"]
+
+
+class KimiK2(DeepseekV3):
+    family = "kimi_k2"

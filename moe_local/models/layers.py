@@ -20,6 +20,36 @@ from torch import nn
 from moe_local.errors import ConfigError
 from moe_local.experts import ACTIVATIONS, ExpertProvider
 from moe_local.models.config_values import check_config_value
+from moe_local.formats.compute import linear
+from moe_local.formats.schemes import PackedWeight
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose matmul is `formats.compute.linear`, the one entry point every weight goes through.
+
+    `weight` stays in the dtype it was loaded in (a bf16 checkpoint's bf16, not a float32 copy) or is
+    a `PackedWeight` (a pack's `--dense int8|int4` tensor, set by `models.load_weights`); the
+    activations keep the run dtype. Parameter names are nn.Linear's, so checkpoints load name for name.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+class Embedding(nn.Embedding):
+    """Token embeddings held at their storage dtype (or packed): only the gathered rows are cast.
+
+    A packed table is gathered row-wise from its packed tensors (a scheme's row range is a row range
+    of every packed tensor) and only those rows are dequantized, so the table is never expanded."""
+
+    def forward(self, ids: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        w = self.weight
+        if isinstance(w, PackedWeight):
+            rows = {k: v.index_select(0, ids) for k, v in w.packed.items()}
+            out = w.scheme.dequantize(rows, (ids.shape[0], w.shape[1]))
+        else:
+            out = F.embedding(ids, w)
+        return out if dtype is None else out.to(dtype)
 
 
 class RMSNorm(nn.Module):
@@ -278,10 +308,10 @@ class Attention(nn.Module):
     def __init__(self, o: AttentionOptions) -> None:
         super().__init__()
         self.o = o
-        self.q_proj = nn.Linear(o.hidden, o.heads * o.head_dim, bias=o.qkv_bias)
-        self.k_proj = nn.Linear(o.hidden, o.kv_heads * o.head_dim, bias=o.qkv_bias)
-        self.v_proj = nn.Linear(o.hidden, o.kv_heads * o.head_dim, bias=o.qkv_bias)
-        self.o_proj = nn.Linear(o.heads * o.head_dim, o.hidden, bias=o.o_bias)
+        self.q_proj = Linear(o.hidden, o.heads * o.head_dim, bias=o.qkv_bias)
+        self.k_proj = Linear(o.hidden, o.kv_heads * o.head_dim, bias=o.qkv_bias)
+        self.v_proj = Linear(o.hidden, o.kv_heads * o.head_dim, bias=o.qkv_bias)
+        self.o_proj = Linear(o.heads * o.head_dim, o.hidden, bias=o.o_bias)
         if o.qk_norm == "head":
             self.q_norm = RMSNorm(o.head_dim, o.rms_eps)
             self.k_norm = RMSNorm(o.head_dim, o.rms_eps)
@@ -322,9 +352,9 @@ class MLP(nn.Module):
 
     def __init__(self, hidden: int, inter: int, act: str = "silu") -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, inter, bias=False)
-        self.up_proj = nn.Linear(hidden, inter, bias=False)
-        self.down_proj = nn.Linear(inter, hidden, bias=False)
+        self.gate_proj = Linear(hidden, inter, bias=False)
+        self.up_proj = Linear(hidden, inter, bias=False)
+        self.down_proj = Linear(inter, hidden, bias=False)
         self.act = ACTIVATIONS[act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -354,7 +384,7 @@ class Router(nn.Module):
     def selection_scores(self, x: torch.Tensor) -> torch.Tensor:
         """[T, E] float32 scores whose order is the order the rule picks experts in (the router
         look-ahead ranks its spare predictions by them): the logits, softmax being monotonic."""
-        return F.linear(x.to(self.weight.dtype), self.weight).float()
+        return linear(x, self.weight).float()
 
 
 class ExpertsHandle:
@@ -384,7 +414,7 @@ class SparseMoE(nn.Module):
         self.shared_name = shared_name if shared is not None else None
         if shared is not None:
             setattr(self, shared_name, shared)
-        self.shared_expert_gate = nn.Linear(hidden, 1, bias=False) if shared_gate else None
+        self.shared_expert_gate = Linear(hidden, 1, bias=False) if shared_gate else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids, weights = self.gate(x)

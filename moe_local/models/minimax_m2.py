@@ -1,4 +1,4 @@
-"""MiniMax-M2 (230B-A10B; also M2.1 / M2.5, same architecture): GQA attention with RMS q/k norms over
+"""MiniMax-M2 (230B-A10B; M2.1 has the same architecture): GQA attention with RMS q/k norms over
 the whole projection and partial rotary, every layer MoE, sigmoid routing with a correction bias, no
 shared expert.
 
@@ -18,8 +18,8 @@ As transformers' MiniMaxM2* classes have it:
 
 Checkpoint names (this family's whole name map): attention as usual (`self_attn.{q,k,v,o}_proj`,
 `q_norm`, `k_norm`); the MoE block is `block_sparse_moe` with `gate.weight`, the correction bias as
-`block_sparse_moe.e_score_correction_bias` (a sibling of the gate, where our router holds it:
-renamed per layer) and Mixtral's per-expert `experts.{e}.w1/w3/w2` (gate, up, down), or fused.
+`block_sparse_moe.e_score_correction_bias` (a sibling of the gate; our router holds it: the map's
+one substitution) and Mixtral's per-expert `experts.{e}.w1/w3/w2` (gate, up, down), or fused.
 Layers past `num_hidden_layers` (multi-token prediction) are never read.
 """
 
@@ -78,13 +78,11 @@ class MiniMaxM2(CausalLM):
     family = "minimax_m2"
     Args = MiniMaxM2Args
 
-    @property
-    def checkpoint_map(self) -> CheckpointMap:  # type: ignore[override]
-        bias = "block_sparse_moe.e_score_correction_bias"
-        renames = tuple((f"model.layers.{i}.block_sparse_moe.gate.e_score_correction_bias", f"model.layers.{i}.{bias}")
-                        for i in range(self.args.num_hidden_layers))
-        return CheckpointMap(experts="model.layers.{layer}.block_sparse_moe.experts", projections=("w1", "w3", "w2"),
-                             renames=renames, keep_fp32=("e_score_correction_bias",), ignore_extra_layers=True)
+    # the correction bias sits beside the gate in the checkpoint; our router (the gate) holds it
+    checkpoint_map = CheckpointMap(experts="model.layers.{layer}.block_sparse_moe.experts", projections=("w1", "w3", "w2"),
+                                   substitutions=((".block_sparse_moe.gate.e_score_correction_bias",
+                                                   ".block_sparse_moe.e_score_correction_bias"),),
+                                   keep_fp32=("e_score_correction_bias",), ignore_extra_layers=True)
 
     def make_layer(self, i: int) -> DecoderLayer:
         a = self.args

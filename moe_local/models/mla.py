@@ -27,8 +27,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from moe_local.formats.schemes import PackedWeight
+
 from moe_local.models.layers import (
-    RMSNorm, RopeConfig, apply_mask, apply_rope, attend, attention_mask, yarn_get_mscale,
+    Linear, RMSNorm, RopeConfig, apply_mask, apply_rope, attend, attention_mask, yarn_get_mscale,
 )
 
 
@@ -112,15 +114,15 @@ class MLAttention(nn.Module):
         self.o = o
         H = o.heads
         if o.q_lora_rank is None:
-            self.q_proj = nn.Linear(o.hidden, H * o.qk_head_dim, bias=False)
+            self.q_proj = Linear(o.hidden, H * o.qk_head_dim, bias=False)
         else:
-            self.q_a_proj = nn.Linear(o.hidden, o.q_lora_rank, bias=o.bias)
+            self.q_a_proj = Linear(o.hidden, o.q_lora_rank, bias=o.bias)
             self.q_a_layernorm = RMSNorm(o.q_lora_rank, o.lora_eps)
-            self.q_b_proj = nn.Linear(o.q_lora_rank, H * o.qk_head_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(o.hidden, o.kv_lora_rank + o.qk_rope_head_dim, bias=o.bias)
+            self.q_b_proj = Linear(o.q_lora_rank, H * o.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = Linear(o.hidden, o.kv_lora_rank + o.qk_rope_head_dim, bias=o.bias)
         self.kv_a_layernorm = RMSNorm(o.kv_lora_rank, o.lora_eps)
-        self.kv_b_proj = nn.Linear(o.kv_lora_rank, H * (o.qk_nope_head_dim + o.v_head_dim), bias=False)
-        self.o_proj = nn.Linear(H * o.v_head_dim, o.hidden, bias=o.bias)
+        self.kv_b_proj = Linear(o.kv_lora_rank, H * (o.qk_nope_head_dim + o.v_head_dim), bias=False)
+        self.o_proj = Linear(H * o.v_head_dim, o.hidden, bias=o.bias)
         self.scale = o.softmax_scale
         self.absorb: bool | None = None
         self.cache: MLACache | None = None
@@ -154,10 +156,16 @@ class MLAttention(nn.Module):
         DeepSeek-V3.2 (`dsa.py`) further restricts it to its indexer's top-k keys."""
         return attention_mask(start, x.shape[0], x.device)
 
-    def _kv_b(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """kv_b_proj split per head: W_uk [H, nope, L] and W_uv [H, v, L] (views, no copies)."""
+    def _kv_b(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv_b_proj split per head: W_uk [H, nope, L] and W_uv [H, v, L] in `dtype`.
+
+        The absorbed path multiplies by these halves as matrices, not through a linear: views of the
+        weight when it is held in `dtype`; a bf16-held (or packed) weight is cast for this call only,
+        a temporary the size of kv_b_proj, never kept."""
         o = self.o
-        w = self.kv_b_proj.weight.view(o.heads, o.qk_nope_head_dim + o.v_head_dim, o.kv_lora_rank)
+        w = self.kv_b_proj.weight
+        w = w.dequantize() if isinstance(w, PackedWeight) else w
+        w = w.to(dtype).view(o.heads, o.qk_nope_head_dim + o.v_head_dim, o.kv_lora_rank)
         return w[:, : o.qk_nope_head_dim], w[:, o.qk_nope_head_dim :]
 
     # ------------------------------------------------------------------ forward
@@ -191,7 +199,7 @@ class MLAttention(nn.Module):
 
     def _absorbed(self, q_nope, q_pe, latent, k_pe, mask) -> torch.Tensor:
         """Attention in latent space: scores = (q_nope W_uk) c^T + q_pe k_pe^T; out = (p c) W_uv^T."""
-        w_uk, w_uv = self._kv_b()
+        w_uk, w_uv = self._kv_b(q_nope.dtype)
         q_lat = torch.matmul(q_nope, w_uk)  # [H, T, L]
         scores = apply_mask((torch.matmul(q_lat, latent.t()) + torch.matmul(q_pe, k_pe.t())) * self.scale, mask)
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q_nope.dtype)

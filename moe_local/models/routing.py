@@ -9,12 +9,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moe_local.formats.compute import linear
+
 
 def softmax_topk(top_k: int, normalize: bool):
     """Mixtral / Qwen-MoE / OLMoE: softmax over all experts, keep the top k, optionally renormalise."""
 
     def rule(router, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = F.linear(x, router.weight)
+        logits = linear(x, router.weight)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float)
         weights, ids = torch.topk(probs, top_k, dim=-1)
         if normalize:
@@ -43,7 +45,7 @@ def deepseek_v2_topk(top_k: int, method: str, n_group: int | None, topk_group: i
         raise ValueError(f"unsupported DeepSeek-V2 topk_method {method!r}")
 
     def rule(router, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = F.linear(x.float(), router.weight.float())
+        logits = linear(x.float(), router.weight)
         scores = logits.softmax(dim=-1, dtype=torch.float32)
         if method == "group_limited_greedy":
             T, E = scores.shape
@@ -67,7 +69,7 @@ def deepseek_v3_noaux_tc(top_k: int, n_group: int | None, topk_group: int | None
     keep = topk_group or groups
 
     def rule(router, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = F.linear(x.float(), router.weight.float())
+        logits = linear(x.float(), router.weight)
         scores = logits.sigmoid()
         choice = scores + router.e_score_correction_bias.float()
         T, E = choice.shape
@@ -79,5 +81,22 @@ def deepseek_v3_noaux_tc(top_k: int, n_group: int | None, topk_group: int | None
         if normalize:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return ids, weights * scaling
+
+    return rule
+
+
+# --------------------------------------------------------------------------- DeepSeekMoE 16B
+def deepseek_moe_gate(top_k: int, normalize: bool):
+    """DeepSeekMoE's `MoEGate` (hub remote code): softmax over all experts in the activations' dtype
+    (not float32: in bf16 the top-k is taken among bf16 scores, so ties fall as the reference's do),
+    top-k, renormalised (+1e-20) only if `norm_topk_prob` and k > 1; no scaling factor."""
+    renorm = normalize and top_k > 1
+
+    def rule(router, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = F.linear(x, router.weight.to(x.dtype)).softmax(dim=-1)
+        weights, ids = torch.topk(scores, top_k, dim=-1, sorted=False)
+        if renorm:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return ids, weights
 
     return rule

@@ -17,6 +17,7 @@ from moe_local.loading.checkpoint import check_shape
 from moe_local.formats.schemes import PackedWeight, get_scheme
 from moe_local.loading.hf_experts import CheckpointExperts
 from moe_local.models.base import CausalLM
+from moe_local.units import BY_SAFETENSORS, DTYPES, RUN_DTYPES
 
 
 class TensorSource(Protocol):
@@ -31,6 +32,8 @@ class TensorSource(Protocol):
     def shape(self, name: str) -> tuple[int, ...]: ...
 
     def file_of(self, name: str): ...
+
+    def dtype(self, name: str) -> str: ...  # the stored safetensors dtype ("BF16"), from the header
 
 
 @dataclass(frozen=True)
@@ -90,14 +93,51 @@ def unread_tensors(model: CausalLM, ckpt: TensorSource) -> list[str]:
     return [n for n in ckpt.names() if n not in read and not model.checkpoint_map.is_ignored(n, layers)]
 
 
-def resident_bytes(model: CausalLM, dtype: torch.dtype) -> int:
-    """Bytes of the non-expert weights once `load_weights` has filled the (meta-device) model in
-    `dtype`: what `inspect` sizes a run by. `keep_fp32` parameters count 4 bytes, a tied LM head
-    counts once, buffers keep their own dtype."""
-    elem = torch.empty((), dtype=dtype).element_size()
+def held_dtype(ndim: int, stored: torch.dtype, dtype: torch.dtype, fp32: bool = False) -> torch.dtype:
+    """The dtype `load_weights` keeps a non-expert tensor in, for a run in `dtype`.
+
+    A matrix (2-D: projections, embeddings, routers, the LM head) keeps its storage dtype when that is
+    narrower than the run dtype: a bf16 checkpoint run in float32 on a CPU holds 2 bytes per weight,
+    not a 4-byte copy read on every token; `formats.compute.linear` takes it as it is. Everything
+    else (norms, biases, conv kernels: small, used elementwise) is cast to the run dtype, and the
+    family's `keep_fp32` tensors are float32."""
+    if fp32:
+        return torch.float32
+    narrower = torch.empty((), dtype=stored).element_size() < torch.empty((), dtype=dtype).element_size()
+    return stored if ndim == 2 and stored.is_floating_point and narrower else dtype
+
+
+def _stored_dtype(source: TensorSource | None, name: str | None, model: CausalLM) -> torch.dtype | None:
+    """What `get` returns a tensor as: its header dtype (FP8 comes out dequantized, as float32);
+    without a source, the config's `torch_dtype` (None when it names no run dtype)."""
+    if source is None or name is None:
+        raw = model.args.raw or {}
+        st = DTYPES.get(str(raw.get("torch_dtype") or raw.get("dtype") or ""))
+    else:
+        st = BY_SAFETENSORS.get(source.dtype(name))
+    if st is None or st.name not in RUN_DTYPES:
+        return None if source is None else torch.float32
+    return st.torch
+
+
+def resident_bytes(model: CausalLM, dtype: torch.dtype, source: TensorSource | None = None) -> int:
+    """Bytes of the non-expert weights once `load_weights` has filled the (meta-device) model from
+    `source` for a run in `dtype`: what `inspect` and the budget check size a run by. Matrices count
+    at the dtype they are held in (`held_dtype`: a bf16 checkpoint's 2 bytes on a float32 run), a
+    pack's quantized tensors their packed bytes, `keep_fp32` parameters 4 bytes; a tied LM head
+    counts once, buffers keep their own dtype. Without a source (config-only) the stored dtype is
+    the config's `torch_dtype`, or `dtype` if it names none."""
+    refs = {r.param: r for r in weight_refs(model, source)} if source is not None else {}
+    packed_nbytes = getattr(source, "packed_nbytes", None)
     total = 0
     for name, p in model.named_parameters():
         if model.args.tie_word_embeddings and name == "lm_head.weight":
             continue
-        total += p.numel() * (4 if model.checkpoint_map.keeps_fp32(name) else elem)
+        ref = refs.get(name)
+        n = packed_nbytes(ref.name) if packed_nbytes is not None and ref is not None and not ref.fp32 else None
+        if n is None:
+            stored = _stored_dtype(source, ref.name if ref else None, model) or dtype
+            held = held_dtype(p.dim(), stored, dtype, model.checkpoint_map.keeps_fp32(name))
+            n = p.numel() * torch.empty((), dtype=held).element_size()
+        total += n
     return total + sum(b.numel() * b.element_size() for b in model.buffers())

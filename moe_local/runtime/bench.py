@@ -20,7 +20,6 @@ Definitions (the README repeats them), so that figures compare with llama-bench'
 from __future__ import annotations
 
 import math
-import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,6 +30,7 @@ import torch
 from moe_local.cache.budget import module_bytes
 from moe_local.errors import MoeLocalError
 from moe_local.runtime.loader import LoadedModel
+from moe_local.runtime.threads import apply_threads, default_threads
 from moe_local.runtime.timing import now
 from moe_local.units import GiB, MiB
 
@@ -105,30 +105,6 @@ class BenchResult:
 
     def to_dict(self) -> dict:
         return {"format": "moe-local-bench", "version": 1, **asdict(self)}
-
-
-# ------------------------------------------------------------------------------------------------ threads
-def default_threads() -> int:
-    """Physical cores (what llama-bench and the rest of moe-local default to); logical ones if unknown."""
-    try:
-        import psutil
-
-        n = psutil.cpu_count(logical=False)
-    except ImportError:  # pragma: no cover - psutil is a dependency
-        n = None
-    return int(n or os.cpu_count() or 1)
-
-
-def apply_threads(n: int) -> None:
-    """Run torch's intra-op pool (and the CPU kernels' own pool, where that module exists) on n threads."""
-    torch.set_num_threads(n)
-    try:
-        from moe_local.formats import kernels_cpu  # type: ignore[attr-defined]
-    except ImportError:
-        return
-    setter = getattr(kernels_cpu, "set_threads", None)
-    if callable(setter):
-        setter(n)
 
 
 # ------------------------------------------------------------------------------------------------ bandwidth

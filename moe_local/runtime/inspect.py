@@ -63,8 +63,8 @@ class ModelSummary:
     bytes_per_expert: int  # one routed expert as stored in the checkpoint
     run_dtype: str
     kv_bytes_per_token: int
-    memory_all_resident: int  # dense + all experts + KV cache at full context, in run_dtype
-    # the smallest --ram the tiered cache accepts on a CPU: resident (non-expert) weights in run_dtype +
+    memory_all_resident: int  # dense weights as held (bf16 stays bf16) + all experts + KV cache at full context
+    # the smallest --ram the tiered cache accepts on a CPU: resident (non-expert) weights as held +
     # the KV cache for kv_tokens + one layer's top-k expert slots, by cache.budget.min_budget (the rule
     # plan_budget enforces)
     memory_min_offload: int
@@ -110,11 +110,20 @@ def summarize(ref: str | Path, run_dtype: str | None = None) -> ModelSummary:
     expert_tensors = [n for n in experts.tensor_names(a.moe_layers[0], 0) if n in headers] if a.moe_layers else []
     dtype = headers[expert_tensors[0]]["dtype"] if expert_tensors else next(iter(headers.values()))["dtype"]
     per_expert = _expert_params(a)
+    if a.moe_layers and experts.is_mxfp4(a.moe_layers[0]):
+        # gpt-oss's hub experts stay MXFP4 when run (packed weights), so stored bytes = run bytes
+        stored = sum(_tensor_bytes(headers[n]) for n in expert_tensors) // a.num_experts
+        return _summary(model, root, ckpt.config, run_dtype, expert_run_bytes=len(a.moe_layers) * stored,
+                        checkpoint_dtype="MXFP4 experts", checkpoint_bytes=on_disk, bytes_per_expert=stored)
     return _summary(
-        model, root, ckpt.config, run_dtype,
+        model, root, ckpt.config, run_dtype, source=ckpt,
         expert_run_bytes=len(a.moe_layers) * per_expert * DTYPES[run_dtype].itemsize,
         checkpoint_dtype=dtype, checkpoint_bytes=on_disk, bytes_per_expert=per_expert * (BY_SAFETENSORS[dtype].itemsize if dtype in BY_SAFETENSORS else 2),
     )
+
+
+def _tensor_bytes(info: dict) -> int:
+    return int(info["data_offsets"][1]) - int(info["data_offsets"][0])
 
 
 def is_config_only(root: Path) -> bool:
@@ -149,38 +158,39 @@ def summarize_pack(root: Path, run_dtype: str = "bfloat16") -> ModelSummary:
     pack = Pack(root)
     try:
         desc = pack.describe()
+        desc["groups"] = _pack_groups(desc["groups"])
+        schemes = sorted({g["scheme"] for g in desc["groups"]})
+        return _summary(
+            build_model_for(pack.config, root), root, pack.config, run_dtype, source=pack,
+            expert_run_bytes=sum(desc["bytes_per_expert"].values()),
+            checkpoint_dtype="pack: " + "+".join(schemes), checkpoint_bytes=int(desc["pack_bytes"]),
+            bytes_per_expert=int(desc["max_expert_bytes"]), pack=desc,
+        )
     finally:
         pack.close()
-    desc["groups"] = _pack_groups(desc["groups"])
-    schemes = sorted({g["scheme"] for g in desc["groups"]})
-    return _summary(
-        build_model_for(pack.config, root), root, pack.config, run_dtype,
-        expert_run_bytes=sum(desc["bytes_per_expert"].values()),
-        checkpoint_dtype="pack: " + "+".join(schemes), checkpoint_bytes=int(desc["pack_bytes"]),
-        bytes_per_expert=int(desc["max_expert_bytes"]), pack=desc,
-    )
 
 
 def _expert_params(a) -> int:
     return a.expert_params()
 
 
-def _summary(model, root: Path, config: dict, run_dtype: str, expert_run_bytes: int, **stored: Any) -> ModelSummary:
+def _summary(model, root: Path, config: dict, run_dtype: str, expert_run_bytes: int, source=None,
+             **stored: Any) -> ModelSummary:
     """The figures checkpoints and packs share, from the meta-device `model`. `expert_run_bytes`:
-    one routed expert in every MoE layer as the runtime holds it; `stored`: how the files hold it."""
+    one routed expert in every MoE layer as the runtime holds it; `stored`: how the files hold it;
+    `source` (the checkpoint or pack): the stored dtypes, which decide what the dense weights cost."""
     a = model.args
     dense = sum(p.numel() for n, p in model.named_parameters()
                 if not (a.tie_word_embeddings and n == "lm_head.weight"))
     per_expert = _expert_params(a)
     n_moe = len(a.moe_layers)
     run = DTYPES[run_dtype]
-    resident = resident_bytes(model, run.torch)  # before any KV cache exists
+    resident = resident_bytes(model, run.torch, source)  # as load_weights holds them; before any KV cache exists
     # Caches for 1 and 2 tokens, sized on the meta device: the difference grows with the context, the
     # rest is fixed (a recurrent state, kept in its own dtype whatever run_dtype is).
     one = model.kv_cache_bytes(1, run.torch)
     per_token = model.kv_cache_bytes(2, run.torch) - one
     state = one - per_token
-    bpe = run.itemsize
     ctx = int(a.max_position_embeddings)
     kv_total = per_token * ctx
     kv_tokens = min(KV_CONTEXT_DEFAULT, ctx)  # what a budget reserves (cache.options.kv_context)
@@ -194,7 +204,7 @@ def _summary(model, root: Path, config: dict, run_dtype: str, expert_run_bytes: 
         total_params=dense + n_moe * a.num_experts * per_expert,
         active_params=dense + n_moe * a.num_experts_per_tok * per_expert,
         dense_params=dense, expert_params=per_expert, run_dtype=run_dtype, kv_bytes_per_token=per_token,
-        memory_all_resident=dense * bpe + a.num_experts * expert_run_bytes + kv_total + state, state_bytes=state,
+        memory_all_resident=resident + a.num_experts * expert_run_bytes + kv_total + state, state_bytes=state,
         memory_min_offload=min_budget(slot_bytes=slot, top_k=a.num_experts_per_tok, resident_bytes=resident,
                                       kv_bytes=kv_budget),
         kv_tokens=kv_tokens,

@@ -16,10 +16,12 @@ import torch
 from moe_local.cache.options import CacheOptions, provider_factory
 from moe_local.errors import CheckpointError, ConfigError, MoeLocalError
 from moe_local.experts import ExpertProvider, ExpertSource, ResidentExperts
+from moe_local.formats import kernels_cpu
 from moe_local.formats.pack import Pack, is_pack
 from moe_local.loading.checkpoint import Checkpoint
 from moe_local.loading.hub import resolve_model_dir
 from moe_local.models import CausalLM, build_model, checkpoint_experts, load_weights
+from moe_local.runtime.threads import apply_threads, parse_threads, resolve_threads
 from moe_local.units import DTYPES, RUN_DTYPES
 
 
@@ -27,7 +29,8 @@ ProviderFactory = Callable[[ExpertSource, CausalLM, torch.device, torch.dtype], 
 
 
 def resident_provider(source: ExpertSource, model: CausalLM, device: torch.device, dtype: torch.dtype) -> ExpertProvider:
-    return ResidentExperts(source, act=model.args.expert_act, device=device, dtype=dtype)
+    grouped = kernels_cpu.layer_kernel if device.type == "cpu" else None  # one C call per MoE layer
+    return ResidentExperts(source, act=model.args.expert_act, device=device, dtype=dtype, grouped=grouped)
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -72,9 +75,11 @@ class LoadOptions:
     dtype: str | None = None
     experts: str = "tiered"  # tiered: paged through the expert cache (moe_local.cache); resident: all loaded
     cache: CacheOptions = field(default_factory=CacheOptions)
+    threads: str | int | None = None  # -t/--threads; check() turns None into runtime.threads.default_threads()
 
     def check(self) -> None:
         """Refuse a bad value before anything is read, in one line naming the flag."""
+        self.threads = resolve_threads(self.threads)
         resolve_dtype(self.dtype)
         resolve_device(self.device)  # a bad cuda:N, or cuda without CUDA, fails here too
         if self.experts not in EXPERT_MODES:
@@ -100,6 +105,7 @@ class LoadedModel:
     provider: ExpertProvider
     device: torch.device
     dtype: torch.dtype
+    threads: int = 1  # CPU threads the run computes with (runtime.threads)
 
 
 def open_weights(root: Path):
@@ -135,10 +141,14 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     provider: ProviderFactory = resident_provider,
     revision: str | None = None,
+    threads: str | int | None = None,
 ) -> LoadedModel:
-    """Resolve, build, fill and attach experts. Raises MoeLocalError subclasses on bad input."""
+    """Resolve, build, fill and attach experts; size the CPU thread pools to `threads` (None: leave
+    them as the process has them). Raises MoeLocalError subclasses on bad input."""
+    n_threads = parse_threads(threads)
     dev = resolve_device(device) if not isinstance(device, torch.device) else device
     dt = resolve_dtype(dtype, dev)
+    n_threads = apply_threads(n_threads)
     root = resolve_model_dir(ref, revision)
     weights = open_weights(root)
     model = build_model_for(weights.config, root)
@@ -146,4 +156,4 @@ def load_model(
     source = expert_source_for(weights, model)
     prov = provider(source, model, dev, dt)
     model.experts.provider = prov
-    return LoadedModel(model, root, weights.config, source, prov, dev, dt)
+    return LoadedModel(model, root, weights.config, source, prov, dev, dt, n_threads)

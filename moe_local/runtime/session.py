@@ -42,13 +42,14 @@ class Session:
     @classmethod
     def open(cls, ref: str | Path, device: str | None = None, dtype: str | None = None,
              provider: ProviderFactory = resident_provider, on_step=None,
-             need_tokenizer: bool = False) -> "Session":
-        """Load model and tokenizer; with need_tokenizer, a missing tokenizer fails before any weight is read."""
+             need_tokenizer: bool = False, threads: int | None = None) -> "Session":
+        """Load model and tokenizer; with need_tokenizer, a missing tokenizer fails before any weight is read.
+        `threads`: CPU threads to compute with (None: as the process has them, see runtime.threads)."""
         root = resolve_model_dir(ref)
         tokenizer = load_tokenizer(root)
         if tokenizer is None and need_tokenizer:
             raise GenerationError(NO_TOKENIZER, root)
-        lm = load_model(root, device, dtype, provider=provider)
+        lm = load_model(root, device, dtype, provider=provider, threads=threads)
         return cls(lm, tokenizer, Generator(lm, tokenizer, on_step=on_step))
 
     # ------------------------------------------------------------ prompts

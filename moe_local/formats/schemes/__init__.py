@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from moe_local.errors import MoeLocalError
+from moe_local.formats import kernels_cpu
 from moe_local.formats.schemes.base import Scheme, TensorSpecs
 from moe_local.formats.schemes.floats import BF16, FP16, FP32
 from moe_local.formats.schemes.int4 import Int4
@@ -63,7 +64,10 @@ class PackedWeight:
         self.shape = (int(shape[0]), int(shape[1]))
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scheme.linear(x, self.packed, self.shape)
+        """On the CPU the C kernels multiply straight from the packed bytes (kernels_cpu); the
+        scheme's torch path serves everything else (CUDA, the extension not built)."""
+        y = kernels_cpu.linear(x, self) if x.device.type == "cpu" else None
+        return self.scheme.linear(x, self.packed, self.shape) if y is None else y
 
     def dequantize(self) -> torch.Tensor:
         """float32 [out, in] (reference path; tests and `eval --dequantized`)."""

@@ -1,0 +1,130 @@
+/* AVX-512 kernels (F + BW + VL + DQ, FMA, F16C). Compiled for that target whatever the build's
+ * flags; only called when cpuid reports the features (see _cpu.c).
+ *
+ * Batch 1 (decode) has hand-written row kernels: each reads a weight row once and multiplies its
+ * codes, converted to float32 in registers, with x. Zero points are folded out of the inner loop:
+ * sum_g s_g * (sum_i q_i x_i - z_g * sum_i x_i), the group sums of x computed once per call.
+ * Other batches and kinds use the generic kernels compiled for this target.
+ */
+#if defined(__x86_64__)
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,avx2")
+#include <immintrin.h>
+#define KSUFFIX avx512
+#include "kern_generic.h"
+
+/* int4 / nf4 row, batch 1: 16 bytes = 32 codes per step (x permuted: 16 evens, 16 odds). */
+static void rows1_nibbles(const WDesc *w, const XPrep *xp, int64_t r0, int64_t r1, float *y) {
+    const __m512i m4 = _mm512_set1_epi32(15);
+    const __m512 lut = _mm512_loadu_ps(NF4_LUT);
+    const int nf = w->kind == K_NF4;
+    const int64_t g = w->g, full = g / 32 * 32;
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *row = w->codes + r * w->stride;
+        __m512 acc = _mm512_setzero_ps();
+        float sacc = 0.0f, zacc = 0.0f;
+        for (int64_t gi = 0; gi < w->ng; gi++) {
+            const uint8_t *p = row + gi * g / 2;
+            const float *xg = xp->x + gi * g;
+            __m512 d0 = _mm512_setzero_ps(), d1 = _mm512_setzero_ps();
+            int64_t k = 0;
+            for (; k < full; k += 32) {
+                __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + k / 2)));
+                __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_srli_epi32(v, 4);
+                __m512 flo = nf ? _mm512_permutexvar_ps(lo, lut) : _mm512_cvtepi32_ps(lo);
+                __m512 fhi = nf ? _mm512_permutexvar_ps(hi, lut) : _mm512_cvtepi32_ps(hi);
+                d0 = _mm512_fmadd_ps(flo, _mm512_loadu_ps(xg + k), d0);
+                d1 = _mm512_fmadd_ps(fhi, _mm512_loadu_ps(xg + k + 16), d1);
+            }
+            float dt = 0.0f;
+            for (; k < g; k += 2) {
+                const int lo = p[k / 2] & 15, hi = p[k / 2] >> 4;
+                dt += (nf ? NF4_LUT[lo] : (float)lo) * xg[k] + (nf ? NF4_LUT[hi] : (float)hi) * xg[k + 1];
+            }
+            const float s = load_scale(w, r, gi);
+            acc = _mm512_fmadd_ps(_mm512_set1_ps(s), _mm512_add_ps(d0, d1), acc);
+            sacc += s * dt;
+            if (!nf) zacc += s * (float)w->zeros[r * w->ng + gi] * xp->xs[gi];
+        }
+        y[r] = _mm512_reduce_add_ps(acc) + sacc - zacc;
+    }
+}
+
+/* int8 row, batch 1: 16 codes per step, one scale per group (per-channel: one group). */
+static void rows1_int8(const WDesc *w, const XPrep *xp, int64_t r0, int64_t r1, float *y) {
+    for (int64_t r = r0; r < r1; r++) {
+        const int8_t *row = (const int8_t *)(w->codes + r * w->stride);
+        __m512 acc = _mm512_setzero_ps();
+        float sacc = 0.0f;
+        for (int64_t gi = 0; gi < w->ng; gi++) {
+            const int64_t i0 = gi * w->g, gw = group_width_avx512(w, gi);
+            const int8_t *p = row + i0;
+            const float *xg = xp->x + i0;
+            __m512 d0 = _mm512_setzero_ps(), d1 = _mm512_setzero_ps();
+            int64_t k = 0;
+            for (; k + 32 <= gw; k += 32) {
+                __m512 a = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + k))));
+                __m512 b = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + k + 16))));
+                d0 = _mm512_fmadd_ps(a, _mm512_loadu_ps(xg + k), d0);
+                d1 = _mm512_fmadd_ps(b, _mm512_loadu_ps(xg + k + 16), d1);
+            }
+            if (k + 16 <= gw) {
+                __m512 a = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + k))));
+                d0 = _mm512_fmadd_ps(a, _mm512_loadu_ps(xg + k), d0);
+                k += 16;
+            }
+            float dt = 0.0f;
+            for (; k < gw; k++) dt += (float)p[k] * xg[k];
+            const float s = load_scale(w, r, gi);
+            acc = _mm512_fmadd_ps(_mm512_set1_ps(s), _mm512_add_ps(d0, d1), acc);
+            sacc += s * dt;
+        }
+        y[r] = _mm512_reduce_add_ps(acc) + sacc;
+    }
+}
+
+/* float row (f32 / bf16 / f16 weights), batch 1: 32 weights per step. */
+static inline __m512 load16_w(int kind, const uint8_t *row, int64_t i) {
+    if (kind == K_F32) return _mm512_loadu_ps((const float *)row + i);
+    __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)row + i));
+    if (kind == K_F16) return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+static void rows1_float(const WDesc *w, const XPrep *xp, int64_t r0, int64_t r1, float *y) {
+    const int64_t n = w->cols;
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *row = w->codes + r * w->stride;
+        __m512 d0 = _mm512_setzero_ps(), d1 = _mm512_setzero_ps();
+        int64_t i = 0;
+        for (; i + 32 <= n; i += 32) {
+            d0 = _mm512_fmadd_ps(load16_w(w->kind, row, i), _mm512_loadu_ps(xp->x + i), d0);
+            d1 = _mm512_fmadd_ps(load16_w(w->kind, row, i + 16), _mm512_loadu_ps(xp->x + i + 16), d1);
+        }
+        if (i + 16 <= n) {
+            d0 = _mm512_fmadd_ps(load16_w(w->kind, row, i), _mm512_loadu_ps(xp->x + i), d0);
+            i += 16;
+        }
+        float dt = 0.0f;
+        for (; i < n; i++) {
+            float v = w->kind == K_F32 ? ((const float *)row)[i]
+                    : w->kind == K_F16 ? f16_to_f32(((const uint16_t *)row)[i]) : bf16_to_f32(((const uint16_t *)row)[i]);
+            dt += v * xp->x[i];
+        }
+        y[r] = _mm512_reduce_add_ps(_mm512_add_ps(d0, d1)) + dt;
+    }
+}
+
+static void rows_avx512(const WDesc *w, const XPrep *xp, int64_t r0, int64_t r1, float *y, int64_t ldy) {
+    if (xp->T == 1) {
+        switch (w->kind) {
+        case K_INT4: case K_NF4: rows1_nibbles(w, xp, r0, r1, y); return;
+        case K_INT8: rows1_int8(w, xp, r0, r1, y); return;
+        case K_F32: case K_BF16: case K_F16: rows1_float(w, xp, r0, r1, y); return;
+        default: break;
+        }
+    }
+    rows_generic_avx512(w, xp, r0, r1, y, ldy);
+}
+
+const IsaKernels kern_avx512 = {"avx512", rows_avx512, dequant_generic_avx512};
+#endif
