@@ -53,12 +53,14 @@ def test_gpt_oss_options_match_transformers(tmp_path):
     assert layers[0].mixer.q_proj.bias is None and lm.model.args.expert_act == ClampedSwiGLU(1.0, 0.1)
 
 
-def test_gpt_oss_mxfp4_hub_layout_matches_transformers(tmp_path):
+@pytest.mark.parametrize("bf16", [False, True])
+def test_gpt_oss_mxfp4_hub_layout_matches_transformers(tmp_path, bf16):
     """Experts as `*_blocks` + `*_scales` (quantization_config mxfp4): our model keeps the codes
     packed (mxfp4 PackedWeight, never dequantized to a stored float copy) and matches transformers'
-    dequantized model."""
+    dequantized model; also with every other tensor in bfloat16 as on the hub, run in float32 (the
+    bf16 matrices then stay bf16 in our model, the biases and sinks are cast)."""
     save_tiny(gpt_oss_config(), tmp_path / "float")
-    to_mxfp4_checkpoint(tmp_path / "float", tmp_path / "mxfp4")
+    to_mxfp4_checkpoint(tmp_path / "float", tmp_path / "mxfp4", bf16=bf16)
     lm = assert_matches_reference(tmp_path / "mxfp4", mxfp4_reference(tmp_path / "mxfp4"), vocab=VOCAB)
     w = lm.source.load(1, 5)
     assert all(isinstance(p, PackedWeight) and p.scheme.name == "mxfp4" for p in (w.gate, w.up, w.down))

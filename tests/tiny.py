@@ -366,13 +366,14 @@ MXFP4_CONFIG = {"quant_method": "mxfp4",
                                            "model.embed_tokens", "lm_head"]}
 
 
-def to_mxfp4_checkpoint(path, out) -> None:
+def to_mxfp4_checkpoint(path, out, bf16: bool = False) -> None:
     """Rewrite a save_pretrained gpt-oss checkpoint (float experts, gate_up [E, H, 2I], down
     [E, I, H]) into the hub's MXFP4 layout, as openai/gpt-oss-* ship it: `<proj>_blocks` uint8
     [E, out, in/32, 16] (two E2M1 codes per byte, low nibble first) and `<proj>_scales` uint8
     [E, out, in/32] (e8m0 exponents, bias 127), plus `quantization_config.quant_method = mxfp4` in
     config.json. The codes come from our `mxfp4` scheme; transformers' own dequantizer then reads
-    them as the reference (integrations/mxfp4.py), so the layout is checked against it."""
+    them as the reference (integrations/mxfp4.py), so the layout is checked against it. `bf16`:
+    every other tensor (attention, router, biases, embeddings) in bfloat16, as on the hub."""
     import json
     from pathlib import Path
 
@@ -387,6 +388,8 @@ def to_mxfp4_checkpoint(path, out) -> None:
         E, out_f, in_f = w.shape
         tensors[f"{name}_blocks"] = torch.stack([p["codes"] for p in packed]).reshape(E, out_f, in_f // 32, 16)
         tensors[f"{name}_scales"] = torch.stack([p["scales"] for p in packed])
+    if bf16:
+        tensors = {n: t.to(torch.bfloat16) if t.is_floating_point() else t for n, t in tensors.items()}
     out.mkdir(parents=True, exist_ok=True)
     config = json.loads((path / "config.json").read_text())
     config["quantization_config"] = MXFP4_CONFIG

@@ -91,6 +91,10 @@ class Checkpoint:
             weight_map = read_json(index).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise CheckpointError("has no weight_map", index)
+            bad = next((k for k, v in weight_map.items() if not isinstance(v, str) or not v), None)
+            if bad is not None:
+                raise CheckpointError(f"weight_map entry {bad!r} must name a shard file, got "
+                                      f"{weight_map[bad]!r}", index)
             files = {name: self.root / fname for name, fname in weight_map.items()}
             for path in sorted(set(files.values())):
                 if not path.is_file():

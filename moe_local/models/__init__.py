@@ -38,7 +38,7 @@ FAMILIES: dict[str, str] = {
 
 
 def family_class(model_type: str | None) -> type[CausalLM]:
-    if model_type not in FAMILIES:
+    if not isinstance(model_type, str) or model_type not in FAMILIES:
         raise ConfigError(
             f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(FAMILIES))}"
         )
