@@ -157,7 +157,7 @@ class Llama:
             run(["cmake", "-S", self.src, "-B", self.build, "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON",
                  "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
                  "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_OPENSSL=OFF"])
-            run(["nice", "-n", "10", "cmake", "--build", self.build, "-j", str(os.cpu_count() or 2),
+            run(["cmake", "--build", self.build, "-j", str(os.cpu_count() or 2),
                  "--target", "llama-bench", "llama-quantize"])
         return self
 
@@ -189,7 +189,7 @@ class Llama:
             out_dir.mkdir(parents=True, exist_ok=True)
             tmp = out.with_name(out.name + ".tmp")
             env = {**os.environ, "PYTHONPATH": str(self.src / "gguf-py"), "NO_LOCAL_GGUF": "1"}
-            run(["nice", "-n", "10", sys.executable, self.converter(), model, "--outtype", "bf16", "--outfile", tmp],
+            run([sys.executable, self.converter(), model, "--outtype", "bf16", "--outfile", tmp],
                 env=env)
             tmp.rename(out)
         return out
@@ -198,7 +198,7 @@ class Llama:
         out = bf16.with_name(bf16.name.replace("-bf16.gguf", f"-{fmt.gguf_type}.gguf"))
         if not out.is_file():
             tmp = out.with_name(out.name + ".tmp")
-            run(["nice", "-n", "10", self.quantize, bf16, tmp, fmt.gguf_type])
+            run([self.quantize, bf16, tmp, fmt.gguf_type])
             tmp.rename(out)
         return out
 
@@ -236,7 +236,7 @@ def our_pack(model: Path, fmt: Format, out_dir: Path) -> Path:
     out = out_dir / f"{model.name}-{fmt.pack}"
     if not is_pack(out):
         out_dir.mkdir(parents=True, exist_ok=True)
-        run(["nice", "-n", "10", *moe_local("quantize", model, out, *fmt.scheme)])  # atomic: writes beside, renames
+        run([*moe_local("quantize", model, out, *fmt.scheme)])  # atomic: writes beside, renames
     return out
 
 
@@ -278,6 +278,12 @@ class Limit:
             if f.is_file():
                 return int(f.read_text().split()[0])
         return None
+
+    def remove(self) -> None:
+        try:
+            self.dir.rmdir()  # empty once its processes have exited
+        except OSError as exc:
+            log(f"note: could not remove {self.dir}: {exc.strerror}")
 
     def reset_peak(self) -> None:
         f = self.dir / "memory.max_usage_in_bytes"
@@ -413,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bandwidth", type=float, default=None, help="read bandwidth GB/s (default: measured once)")
     p.add_argument("--nice", type=int, default=0, help="nice level of the measured runs")
     p.add_argument("--timeout", type=float, default=3600, help="seconds one engine run may take")
+    p.add_argument("--llama-args", default="", help="extra llama-bench flags for every llama.cpp run, e.g. '--repack 0'")
     p.add_argument("--ours-args", default="", help="extra moe-local bench flags, e.g. '--dtype bfloat16'")
     p.add_argument("--json", type=Path, default=None, help="write every figure to this file")
     p.add_argument("--build-only", action="store_true", help="only build the benchmark model")
@@ -452,7 +459,10 @@ def main(argv: list[str] | None = None) -> int:
         pack = our_pack(model, fmt, a.work / "packs")
         theirs_bpt = gguf_bytes_per_token(gguf, llama.src)
         for t in thread_list:
-            llama_variants = [("default", [])] + ([("--repack 0 (mmap)", ["--repack", "0"])] if limit else [])
+            base = a.llama_args.split()
+            llama_variants = [(" ".join(base) or "default", base)]
+            if limit:
+                llama_variants.append(("--repack 0 (mmap)", [*base, "--repack", "0"]))
             for label, extra in llama_variants:
                 configs.append((name, "llama.cpp", f"{fmt.gguf_type}, {label}, t={t}", t, theirs_bpt["total"],
                                 lambda t=t, extra=extra, gguf=gguf: run_llama(llama, gguf, a, t, limit, extra)))
@@ -460,6 +470,14 @@ def main(argv: list[str] | None = None) -> int:
             configs.append((name, "moe-local", label, t, None,
                             lambda t=t, pack=pack: run_ours(pack, a, t, bandwidth, limit, ours_extra)))
 
+    try:
+        return measure(a, names, configs, thread_list, model, bandwidth, threads, ours_extra)
+    finally:
+        if limit is not None:
+            limit.remove()
+
+
+def measure(a, names, configs, thread_list, model, bandwidth, threads, ours_extra) -> int:
     results: dict[tuple, list[dict]] = {c[:3]: [] for c in configs}
     info = {"hardware": hardware(bandwidth, threads), "model": str(model), "limit": a.limit,
             "args": {"p": a.p, "n": a.n, "r": a.r, "rounds": a.rounds, "formats": names, "ours_args": ours_extra}}

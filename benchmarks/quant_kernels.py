@@ -35,6 +35,7 @@ SCHEMES = [
     ("int8", {}),
     ("int4", {"group_size": 64}),
     ("nf4", {"group_size": 64}),
+    ("mxfp4", {}),  # gpt-oss's expert format (block 32, e8m0 scales)
     ("ternary", {"group_size": 128}),
 ]
 

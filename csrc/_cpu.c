@@ -30,9 +30,9 @@ static int isa_supported(const char *name) {
     __builtin_cpu_init();
     int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     if (!strcmp(name, "avx2")) return avx2;
-    if (!strcmp(name, "avx512"))
-        return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    int avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                 __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    if (!strcmp(name, "avx512")) return avx512;
 #endif
     return 0;
 }
@@ -65,11 +65,19 @@ static int64_t xlen(const WDesc *w) {
     return (w->kind <= K_F16) ? w->cols : w->ng * w->g;
 }
 
-/* Lay T rows of x (row t at src + idx[t] * ld, idx NULL: t) out the way w's kernels read them. */
-static void prep_x(const WDesc *w, int T, const float *src, int64_t ld, const int64_t *idx, float *buf,
-                   float *xs, XPrep *xp) {
+/* floats of scratch prep_x needs */
+static int64_t prep_size(const IsaKernels *isa, const WDesc *w, int T) {
+    (void)isa;
+    return T * (xlen(w) + w->ng) + 16;
+}
+
+/* Lay T rows of x (row t at src + idx[t] * ld, idx NULL: t) out the way w's kernels read them,
+ * in `buf` (prep_size floats). */
+static void prep_x(const IsaKernels *isa, const WDesc *w, int T, const float *src, int64_t ld, const int64_t *idx,
+                   float *buf, XPrep *xp) {
     const int64_t len = xlen(w), cols = w->cols, g = w->g;
     const int nib = w->kind == K_INT4 || w->kind == K_NF4;
+    float *xs = buf + T * len;
     for (int t = 0; t < T; t++) {
         const float *x = src + (idx ? idx[t] : t) * ld;
         float *d = buf + t * len;
@@ -120,13 +128,13 @@ static PyObject *py_linear(PyObject *self, PyObject *args) {
     if (T < 1 || T > MAX_T) { PyErr_Format(PyExc_ValueError, "linear: batch %d outside 1..%d", T, MAX_T); return NULL; }
     WDesc w;
     desc_from((const int64_t *)(intptr_t)dp, &w);
-    const int64_t len = xlen(&w);
-    float *buf = malloc(sizeof(float) * (T * len + T * w.ng + 16));
+    const IsaKernels *isa = ISA;
+    float *buf = malloc(sizeof(float) * prep_size(isa, &w, T));
     if (!buf) return PyErr_NoMemory();
     XPrep x;
-    LinCtx c = {ISA, &w, &x, (float *)(intptr_t)yp};
+    LinCtx c = {isa, &w, &x, (float *)(intptr_t)yp};
     Py_BEGIN_ALLOW_THREADS
-    prep_x(&w, T, (const float *)(intptr_t)xp_, w.cols, NULL, buf, buf + T * len, &x);
+    prep_x(isa, &w, T, (const float *)(intptr_t)xp_, w.cols, NULL, buf, &x);
     pool_run(lin_task, &c, w.rows, 8, 1);
     Py_END_ALLOW_THREADS
     free(buf);
@@ -287,7 +295,8 @@ static PyObject *py_moe(PyObject *self, PyObject *args) {
     for (int i = 0; i < n; i++) {
         MoeExpert *e = &ex[i];
         const int64_t I = e->gate.rows;
-        total += e->T * (xlen(&e->gate) + e->gate.ng + xlen(&e->up) + e->up.ng + xlen(&e->down) + e->down.ng + 2 * I + H) + 64;
+        total += prep_size(ISA, &e->gate, e->T) + prep_size(ISA, &e->up, e->T) + prep_size(ISA, &e->down, e->T) +
+                 e->T * (2 * I + H) + 64;
     }
     float *scratch = malloc(sizeof(float) * total);
     if (!scratch) { free(ex); return PyErr_NoMemory(); }
@@ -298,12 +307,10 @@ static PyObject *py_moe(PyObject *self, PyObject *args) {
     for (int i = 0; i < n; i++) {
         MoeExpert *e = &ex[i];
         const int64_t I = e->gate.rows;
-        float *xb = p; p += e->T * xlen(&e->gate);
-        float *xs = p; p += e->T * e->gate.ng;
-        prep_x(&e->gate, e->T, x, H, e->tok, xb, xs, &e->xg);
-        xb = p; p += e->T * xlen(&e->up);
-        xs = p; p += e->T * e->up.ng;
-        prep_x(&e->up, e->T, x, H, e->tok, xb, xs, &e->xu);
+        prep_x(m.isa, &e->gate, e->T, x, H, e->tok, p, &e->xg);
+        p += prep_size(m.isa, &e->gate, e->T);
+        prep_x(m.isa, &e->up, e->T, x, H, e->tok, p, &e->xu);
+        p += prep_size(m.isa, &e->up, e->T);
         e->g = p; p += e->T * I;
         e->u = p; p += e->T * I;
         e->y = p; p += e->T * H;
@@ -313,9 +320,8 @@ static PyObject *py_moe(PyObject *self, PyObject *args) {
     pool_run(gate_up_task, &m, items1, 16, 1);
     for (int i = 0; i < n; i++) {
         MoeExpert *e = &ex[i];
-        float *xb = p; p += e->T * xlen(&e->down);
-        float *xs = p; p += e->T * e->down.ng;
-        prep_x(&e->down, e->T, e->g, e->gate.rows, NULL, xb, xs, &e->xd);
+        prep_x(m.isa, &e->down, e->T, e->g, e->gate.rows, NULL, p, &e->xd);
+        p += prep_size(m.isa, &e->down, e->T);
     }
     pool_run(down_task, &m, items2, 16, 1);
     for (int i = 0; i < n; i++) {  /* ascending expert id: the one summation order */

@@ -12,41 +12,74 @@
 #define KSUFFIX avx512
 #include "kern_generic.h"
 
-/* int4 / nf4 row, batch 1: 16 bytes = 32 codes per step (x permuted: 16 evens, 16 odds). */
+/* The scales (and zero-point terms) of up to 16 groups of a row as float32 vectors: per-group
+ * scalar work hoisted out of the group loop. */
+static inline __m512 load_scales16(const WDesc *w, int64_t r, int64_t gc, __mmask16 m) {
+    const void *base = (const uint8_t *)w->scales + (r * w->ng + gc) * (w->sdt == S_F32 ? 4 : 2);
+    if (w->sdt == S_F32) return _mm512_maskz_loadu_ps(m, base);
+    __m256i h = _mm256_maskz_loadu_epi16(m, base);
+    if (w->sdt == S_F16) return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* One group of G codes (G a multiple of 32): 16 bytes = 32 codes per step, x permuted (16 evens,
+ * 16 odds per 32-block, see XPrep). */
+#define NIB_GROUP(G, NF)                                                                       \
+    do {                                                                                       \
+        __m512 d0 = _mm512_setzero_ps(), d1 = _mm512_setzero_ps();                             \
+        for (int64_t k = 0; k < (G); k += 32) {                                                \
+            __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + k / 2)));   \
+            __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_srli_epi32(v, 4);                \
+            __m512 flo = (NF) ? _mm512_permutexvar_ps(lo, lut) : _mm512_cvtepi32_ps(lo);       \
+            __m512 fhi = (NF) ? _mm512_permutexvar_ps(hi, lut) : _mm512_cvtepi32_ps(hi);       \
+            d0 = _mm512_fmadd_ps(flo, _mm512_loadu_ps(xg + k), d0);                            \
+            d1 = _mm512_fmadd_ps(fhi, _mm512_loadu_ps(xg + k + 16), d1);                       \
+        }                                                                                      \
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(ss[gi - gc]), _mm512_add_ps(d0, d1), acc);         \
+    } while (0)
+
+/* int4 / nf4 rows, batch 1, group size a multiple of 32 (G: the group size when known at compile
+ * time, 0 for any multiple of 32). */
+#define NIB_KERNEL(NAME, G, NF)                                                                        \
+static void NAME(const WDesc *w, const XPrep *xp, int64_t r0, int64_t r1, float *y) {                  \
+    const __m512i m4 = _mm512_set1_epi32(15);                                                          \
+    const __m512 lut = _mm512_loadu_ps(NF4_LUT);                                                       \
+    const int64_t g = (G) ? (G) : w->g, ng = w->ng;                                                    \
+    float ss[16];                                                                                      \
+    for (int64_t r = r0; r < r1; r++) {                                                                \
+        const uint8_t *row = w->codes + r * w->stride;                                                 \
+        __m512 acc = _mm512_setzero_ps(), zacc = _mm512_setzero_ps();                                  \
+        for (int64_t gc = 0; gc < ng; gc += 16) {                                                      \
+            const int64_t n = ng - gc < 16 ? ng - gc : 16;                                             \
+            const __mmask16 m = (__mmask16)((1u << n) - 1);                                            \
+            const __m512 s = load_scales16(w, r, gc, m);                                               \
+            if (!(NF)) {                                                                               \
+                __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, w->zeros + r * ng + gc))); \
+                zacc = _mm512_fmadd_ps(_mm512_mul_ps(s, z), _mm512_maskz_loadu_ps(m, xp->xs + gc), zacc); \
+            }                                                                                          \
+            _mm512_storeu_ps(ss, s);                                                                   \
+            for (int64_t gi = gc; gi < gc + n; gi++) {                                                 \
+                const uint8_t *p = row + gi * g / 2;                                                   \
+                const float *xg = xp->x + gi * g;                                                      \
+                NIB_GROUP(g, NF);                                                                      \
+            }                                                                                          \
+        }                                                                                              \
+        y[r] = _mm512_reduce_add_ps(acc) - _mm512_reduce_add_ps(zacc);                                 \
+    }                                                                                                  \
+}
+
+NIB_KERNEL(rows1_int4_g32, 32, 0)
+NIB_KERNEL(rows1_int4_g64, 64, 0)
+NIB_KERNEL(rows1_int4_g128, 128, 0)
+NIB_KERNEL(rows1_int4_any, 0, 0)
+NIB_KERNEL(rows1_nf4_any, 0, 1)
+
 static void rows1_nibbles(const WDesc *w, const XPrep *xp, int64_t r0, int64_t r1, float *y) {
-    const __m512i m4 = _mm512_set1_epi32(15);
-    const __m512 lut = _mm512_loadu_ps(NF4_LUT);
-    const int nf = w->kind == K_NF4;
-    const int64_t g = w->g, full = g / 32 * 32;
-    for (int64_t r = r0; r < r1; r++) {
-        const uint8_t *row = w->codes + r * w->stride;
-        __m512 acc = _mm512_setzero_ps();
-        float sacc = 0.0f, zacc = 0.0f;
-        for (int64_t gi = 0; gi < w->ng; gi++) {
-            const uint8_t *p = row + gi * g / 2;
-            const float *xg = xp->x + gi * g;
-            __m512 d0 = _mm512_setzero_ps(), d1 = _mm512_setzero_ps();
-            int64_t k = 0;
-            for (; k < full; k += 32) {
-                __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + k / 2)));
-                __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_srli_epi32(v, 4);
-                __m512 flo = nf ? _mm512_permutexvar_ps(lo, lut) : _mm512_cvtepi32_ps(lo);
-                __m512 fhi = nf ? _mm512_permutexvar_ps(hi, lut) : _mm512_cvtepi32_ps(hi);
-                d0 = _mm512_fmadd_ps(flo, _mm512_loadu_ps(xg + k), d0);
-                d1 = _mm512_fmadd_ps(fhi, _mm512_loadu_ps(xg + k + 16), d1);
-            }
-            float dt = 0.0f;
-            for (; k < g; k += 2) {
-                const int lo = p[k / 2] & 15, hi = p[k / 2] >> 4;
-                dt += (nf ? NF4_LUT[lo] : (float)lo) * xg[k] + (nf ? NF4_LUT[hi] : (float)hi) * xg[k + 1];
-            }
-            const float s = load_scale(w, r, gi);
-            acc = _mm512_fmadd_ps(_mm512_set1_ps(s), _mm512_add_ps(d0, d1), acc);
-            sacc += s * dt;
-            if (!nf) zacc += s * (float)w->zeros[r * w->ng + gi] * xp->xs[gi];
-        }
-        y[r] = _mm512_reduce_add_ps(acc) + sacc - zacc;
-    }
+    if (w->kind == K_NF4) rows1_nf4_any(w, xp, r0, r1, y);
+    else if (w->g == 64) rows1_int4_g64(w, xp, r0, r1, y);
+    else if (w->g == 32) rows1_int4_g32(w, xp, r0, r1, y);
+    else if (w->g == 128) rows1_int4_g128(w, xp, r0, r1, y);
+    else rows1_int4_any(w, xp, r0, r1, y);
 }
 
 /* int8 row, batch 1: 16 codes per step, one scale per group (per-channel: one group). */
@@ -117,7 +150,9 @@ static void rows1_float(const WDesc *w, const XPrep *xp, int64_t r0, int64_t r1,
 static void rows_avx512(const WDesc *w, const XPrep *xp, int64_t r0, int64_t r1, float *y, int64_t ldy) {
     if (xp->T == 1) {
         switch (w->kind) {
-        case K_INT4: case K_NF4: rows1_nibbles(w, xp, r0, r1, y); return;
+        case K_INT4: case K_NF4:
+            if (w->g % 32 == 0) { rows1_nibbles(w, xp, r0, r1, y); return; }
+            break;
         case K_INT8: rows1_int8(w, xp, r0, r1, y); return;
         case K_F32: case K_BF16: case K_F16: rows1_float(w, xp, r0, r1, y); return;
         default: break;

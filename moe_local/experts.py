@@ -38,7 +38,11 @@ Projection = Union[torch.Tensor, PackedLinear]
 
 
 def project(x: torch.Tensor, w: Projection, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`x @ w.T (+ bias)` for a plain tensor or a packed weight."""
+    """`x @ w.T (+ bias)` for a plain tensor or a packed weight. The bias is rounded to x's dtype
+    first, whatever it is stored in (a pack's float32 bias viewed in a cache slot, or a resident
+    copy already cast), so every provider adds the same values."""
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
     if isinstance(w, torch.Tensor):
         return F.linear(x, w, bias)
     y = w.linear(x)
@@ -71,6 +75,17 @@ class ClampedSwiGLU:
         gate = gate.clamp(max=self.limit)
         up = up.clamp(min=-self.limit, max=self.limit)
         return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
+
+
+@dataclass(frozen=True)
+class LimitedSwiGLU(ClampedSwiGLU):
+    """DeepSeek-V4's expert activation: silu(min(gate, limit)) * clamp(up, -limit, limit) (gpt-oss's
+    clamps without its alpha and its + 1; transformers' DeepseekV4Experts._apply_gate)."""
+
+    name: str = "limited_swiglu"
+
+    def combine(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return F.silu(gate.clamp(max=self.limit)) * up.clamp(min=-self.limit, max=self.limit)
 
 
 Activation = Union[Callable[[torch.Tensor], torch.Tensor], ClampedSwiGLU]

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -42,8 +43,18 @@ def parse_size(text: str | int | float | None, flag: str = "--gpu-mem", *, allow
     return int(float(m.group(1)) * _UNITS[m.group(2)])
 
 
-def format_bytes(n: float) -> str:
-    """1536 -> "1.50 KiB"; bytes below 1 KiB stay whole ("512 B")."""
+def format_bytes(n: float, round_up: bool = False) -> str:
+    """1536 -> "1.50 KiB"; bytes below 1 KiB stay whole ("512 B").
+
+    round_up: the figure shown is never below n (1.0051 MiB -> "1.01 MiB"), for minimums a user
+    copies into a flag: the value printed as "at least X" must itself be accepted."""
+    if round_up:
+        for i, unit in enumerate(("B", "KiB", "MiB", "GiB", "TiB")):
+            scale = 1024 ** i
+            if abs(n) < scale * 1024 or unit == "TiB":
+                if i == 0:
+                    return f"{math.ceil(n)} B"
+                return f"{math.ceil(n * 100 / scale - 1e-9) / 100:.2f} {unit}"
     return _scaled(n, 1024, ("B", "KiB", "MiB", "GiB", "TiB"), " ")
 
 

@@ -60,7 +60,7 @@ def tiered_factory(slots: int, policy: str = "lru", depth: int = 0, extra: int =
             rec = TraceRecorder(trace, model.args.model_type, source.num_experts, model.args.num_experts_per_tok,
                                 source.moe_layers, source.max_expert_nbytes())
         return TieredExperts(source, top_k=model.args.num_experts_per_tok, host_slots=slots,
-                             act=model.args.hidden_act, device=device, dtype=dtype, policy=policy, future=future,
+                             act=model.args.expert_act, device=device, dtype=dtype, policy=policy, future=future,
                              predictor=(predictor_cls or lookahead)(model, depth, extra) if depth else None, miss=miss,
                              io_threads=io_threads, trace=rec, record_accesses=record,
                              gpu_slots=gpu_slots or 0, two_tier=gpu_slots is not None or None)

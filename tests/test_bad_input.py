@@ -437,3 +437,288 @@ def test_good_inputs_still_pass(base):
                  ["eval", base.pack, "--tokens", base.tokens, "--max-tokens", "40"]):
         r = invoke(*args)
         assert r.exit_code == 0, r.output
+
+
+# --------------------------------------------------------------------------- fuzzing every file reader
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=6,
+)
+
+
+def json_paths(obj, prefix=(), limit=400) -> list[tuple]:
+    """Every key path of a JSON document (the first `limit`), for replacing one value with another type."""
+    out = [prefix] if prefix else []
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else []
+    for k, v in items:
+        out += json_paths(v, prefix + (k,), limit)
+        if len(out) >= limit:
+            break
+    return out[:limit]
+
+
+def replaced(obj, path: tuple, value):
+    obj = json.loads(json.dumps(obj))
+    target = obj
+    for k in path[:-1]:
+        target = target[k]
+    target[path[-1]] = value
+    return obj
+
+
+def broken_bytes(valid: bytes, is_json: bool = True):
+    """Truncated, empty, binary, one byte changed, and (for JSON) one value swapped for another type."""
+    cases = [
+        st.integers(0, max(len(valid) - 1, 0)).map(lambda n: valid[:n]),
+        st.binary(max_size=200),
+        st.tuples(st.integers(0, max(len(valid) - 1, 0)), st.integers(0, 255)).map(
+            lambda t: valid[: t[0]] + bytes([t[1]]) + valid[t[0] + 1:]),
+    ]
+    if is_json:
+        doc = json.loads(valid)
+        paths = json_paths(doc)
+        cases.append(st.tuples(st.sampled_from(paths), JSON_VALUES).map(
+            lambda t: json.dumps(replaced(doc, *t), allow_nan=True).encode()))
+        cases.append(st.sampled_from(paths).map(lambda p: json.dumps(replaced(doc, p, None)).encode()))
+    return st.one_of(*cases)
+
+
+def assert_clean(result) -> None:
+    """Exit 0 (the change happened to be harmless) or one clean error; never a traceback or another exception."""
+    assert "Traceback" not in result.output, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    if result.exit_code == 1:
+        assert len([l for l in result.output.splitlines() if l.startswith("error:")]) == 1, result.output
+    else:
+        assert result.exit_code in (0, 2), result.output
+
+
+# Derandomized so CI sees the same examples every run; MOE_LOCAL_FUZZ_EXAMPLES=500 (and
+# MOE_LOCAL_FUZZ_RANDOM=1) explores further by hand.
+_EXAMPLES = int(os.environ.get("MOE_LOCAL_FUZZ_EXAMPLES", "12"))
+FUZZ = settings(max_examples=_EXAMPLES, deadline=None, database=None,
+                derandomize=not os.environ.get("MOE_LOCAL_FUZZ_RANDOM"),
+                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                       HealthCheck.data_too_large])
+FUZZ_SLOW = settings(FUZZ, max_examples=max(4, _EXAMPLES // 3))  # readers behind a model load
+
+
+def fuzz_folder(base: Env, what: str, tmp: Path) -> Path:
+    dst = tmp / f"{what}-{time.monotonic_ns()}"
+    shutil.copytree(getattr(base, what), dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def fuzz_tmp(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("fuzz")
+
+
+@pytest.mark.parametrize("reader", ["config.json via inspect", "config.json via generate"])
+def test_fuzz_config(base, fuzz_tmp, reader):
+    what, cmd = ("config_only", ["inspect"]) if "inspect" in reader else ("model", ["generate"])
+
+    @FUZZ
+    @given(data=broken_bytes((getattr(base, what) / "config.json").read_bytes()))
+    def run(data):
+        folder = fuzz_folder(base, what, fuzz_tmp)
+        (folder / "config.json").write_bytes(data)
+        assert_clean(invoke(*cmd, folder, *(GEN if cmd == ["generate"] else [])))
+        shutil.rmtree(folder)
+
+    run()
+
+
+def test_fuzz_safetensors_index(base, fuzz_tmp):
+    names = list(load_file(base.model / "model.safetensors"))
+    valid = json.dumps({"metadata": {}, "weight_map": {n: "model.safetensors" for n in names}}).encode()
+
+    @FUZZ
+    @given(data=broken_bytes(valid))
+    def run(data):
+        folder = fuzz_folder(base, "model", fuzz_tmp)
+        (folder / "model.safetensors.index.json").write_bytes(data)
+        assert_clean(invoke("inspect", folder))
+        shutil.rmtree(folder)
+
+    run()
+
+
+def test_fuzz_shard_header(base, fuzz_tmp):
+    raw = (base.model / "model.safetensors").read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header, body = raw[8: 8 + n], raw[8 + n:]
+
+    @FUZZ
+    @given(data=broken_bytes(header.rstrip()))
+    def run(data):
+        folder = fuzz_folder(base, "model", fuzz_tmp)
+        (folder / "model.safetensors").write_bytes(len(data).to_bytes(8, "little") + data + body)
+        assert_clean(invoke("generate", folder, *GEN))
+        shutil.rmtree(folder)
+
+    run()
+
+
+@pytest.mark.parametrize("experts", ["resident", "tiered"])
+def test_fuzz_pack_manifest(base, fuzz_tmp, experts):
+    @FUZZ
+    @given(data=broken_bytes((base.pack / "moe-pack.json").read_bytes()))
+    def run(data):
+        folder = fuzz_folder(base, "pack", fuzz_tmp)
+        (folder / "moe-pack.json").write_bytes(data)
+        assert_clean(invoke("generate", folder, "--prompt-ids", ",".join(map(str, range(1, 40))), "-n", "2",
+                            "--temperature", "0", "--experts", experts))
+        shutil.rmtree(folder)
+
+    run()
+
+
+def test_fuzz_routing_trace(base, fuzz_tmp):
+    lines = base.trace.read_bytes().splitlines(keepends=True)
+
+    @FUZZ
+    @given(line=st.integers(0, len(lines) - 1), data=st.data())
+    def run(line, data):
+        bad = data.draw(broken_bytes(lines[line].strip()))
+        path = fuzz_tmp / f"t-{time.monotonic_ns()}.jsonl"
+        path.write_bytes(b"".join(lines[:line]) + bad + b"\n" + b"".join(lines[line + 1:]))
+        assert_clean(invoke("simulate", path, "--sizes", "4,8", "--prefetch-depth", "1"))
+        assert_clean(invoke("simulate", path, "--budget", "64KiB"))
+
+    run()
+
+
+def test_fuzz_run_report(base, fuzz_tmp):
+    @FUZZ
+    @given(data=broken_bytes(base.report.read_bytes()))
+    def run(data):
+        path = fuzz_tmp / f"r-{time.monotonic_ns()}.json"
+        path.write_bytes(data)
+        assert_clean(invoke("report", path))
+
+    run()
+
+
+NPY_ARRAYS = st.one_of(
+    st.lists(st.integers(-5, 400), min_size=0, max_size=40).map(lambda v: np.array(v, dtype=np.int64)),
+    st.sampled_from([np.zeros((3, 3), np.int32), np.zeros(5, np.float16), np.array(["a", "b"]),
+                     np.array([1, 2], dtype=np.uint64), np.zeros(0, np.int32)]),
+)
+
+
+def token_file_bytes(base: Env):
+    valid = base.tokens.read_bytes()
+
+    def saved(a):
+        import io
+
+        buf = io.BytesIO()
+        np.save(buf, a)
+        return buf.getvalue()
+
+    return st.one_of(broken_bytes(valid, is_json=False), NPY_ARRAYS.map(saved))
+
+
+def test_fuzz_token_file(base, fuzz_tmp):
+    @FUZZ_SLOW
+    @given(data=token_file_bytes(base))
+    def run(data):
+        path = fuzz_tmp / f"ids-{time.monotonic_ns()}.npy"
+        path.write_bytes(data)
+        assert_clean(invoke("eval", base.model, "--tokens", path, "--window", "16"))
+
+    run()
+
+
+def test_fuzz_calibration_file(base, fuzz_tmp):
+    @FUZZ_SLOW
+    @given(data=token_file_bytes(base))
+    def run(data):
+        path = fuzz_tmp / f"cal-{time.monotonic_ns()}.npy"
+        path.write_bytes(data)
+        out = fuzz_tmp / f"out-{time.monotonic_ns()}"
+        assert_clean(invoke("quantize", base.model, out, "--scheme", "ternary", "--calibration", path,
+                            "--calibration-tokens", "64"))
+        shutil.rmtree(out, ignore_errors=True)
+        assert not list(fuzz_tmp.glob(".out-*.partial-*"))  # nothing half-written is left either way
+
+    run()
+
+
+# --------------------------------------------------------------------------- faults that need a real process
+def cli_process(*args, **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "moe_local.cli", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, **kw)
+
+
+@pytest.fixture(scope="module")
+def slow_source(tmp_path_factory) -> Path:
+    """A checkpoint whose ternary quantize takes seconds (exact least squares per group): time to signal it."""
+    from tests.tiny import mixtral_config, save_tiny
+
+    path = tmp_path_factory.mktemp("slow") / "src"
+    save_tiny(mixtral_config(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_local_experts=8), path)
+    return path
+
+
+def start_quantize_and_wait_for_experts(src: Path, out: Path) -> tuple[subprocess.Popen, Path]:
+    """Start `quantize` in a subprocess; return once it is writing the expert file of its partial folder."""
+    proc = cli_process("quantize", src, out, "--scheme", "ternary")
+    partial = out.parent / f".{out.name}.partial-{proc.pid}"
+    deadline = time.monotonic() + 180
+    while not (partial / "experts-00001.safetensors").exists():
+        assert proc.poll() is None, f"quantize ended before it was signalled: {proc.communicate()}"
+        assert time.monotonic() < deadline, "quantize never started writing experts"
+        time.sleep(0.01)
+    return proc, partial
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_mid_quantize_removes_the_partial_output(slow_source, tmp_path, sig):
+    out = tmp_path / "out"
+    proc, partial = start_quantize_and_wait_for_experts(slow_source, out)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, stderr
+    assert "Traceback" not in stderr and ("terminated" in stderr or "interrupted" in stderr), stderr
+    assert list(tmp_path.iterdir()) == []  # neither the partial folder nor OUT
+
+
+def test_sigkill_leftovers_are_removed_by_a_later_run_for_any_output(slow_source, tmp_path):
+    """SIGKILL cannot be caught: the next quantize into the same folder removes the dead run's partial
+    (for whatever output it was writing) and says so; a live run's partial is never touched."""
+    proc, partial = start_quantize_and_wait_for_experts(slow_source, tmp_path / "killed")
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert partial.is_dir() and any(partial.iterdir())
+    live = tmp_path / f".other.partial-{os.getpid()}"  # this test's own process: alive
+    live.mkdir()
+    r = invoke("quantize", ROOT / ".." / "nothing-here", tmp_path / "x")  # a failing run cleans nothing
+    assert r.exit_code == 1 and partial.is_dir()
+    small = tmp_path / "small"
+    save_chat_model(small)
+    r = invoke("quantize", small, tmp_path / "new", "--scheme", "int8")
+    assert r.exit_code == 0, r.output
+    assert "note: removed" in r.output and partial.name in " ".join(r.output.split())
+    assert not partial.exists() and live.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "new", "small"]
+
+
+def test_full_disk_while_quantizing_is_one_line_and_leaves_nothing(base, tmp_path):
+    """A file-size limit (RLIMIT_FSIZE) makes the kernel refuse writes as a full disk would (EFBIG)."""
+    import resource
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get the write error, not the signal
+        resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000))
+
+    proc = cli_process("quantize", base.model, tmp_path / "out", "--scheme", "bf16", preexec_fn=limit)
+    _, stderr = proc.communicate(timeout=180)
+    lines = [l for l in stderr.splitlines() if l.startswith("error:")]
+    assert proc.returncode == 1 and "Traceback" not in stderr and len(lines) == 1, stderr
+    assert "cannot write the pack" in lines[0] and "File too large" in lines[0] and "nothing was left" in lines[0]
+    assert list(tmp_path.iterdir()) == []

@@ -129,7 +129,7 @@ def test_inspect_table_and_json(model):
     for label in ("mixtral", "experts per layer", "top-k", "total params", "active params", "bytes per expert",
                   "memory, all resident"):
         assert label in r.stdout
-    s = json.loads(run("inspect", model[0], "--json").stdout)
+    s = json.loads(run("inspect", model[0], "--json", "--dtype", "bfloat16").stdout)
     ref = model[1]
     assert s["total_params"] == sum(p.numel() for p in ref.parameters())
     assert (s["family"], s["layers"], s["experts_per_layer"], s["top_k"], s["shared_experts"]) == ("mixtral", 2, 4, 2, 0)
@@ -137,6 +137,9 @@ def test_inspect_table_and_json(model):
     per_expert = 3 * 32 * 48
     assert s["active_params"] == s["total_params"] - 2 * (4 - 2) * per_expert
     assert s["kv_bytes_per_token"] == 2 * 2 * 2 * 8 * 2  # layers x (k, v) x kv_heads x head_dim x bf16
+    # without --dtype, the figures are for the dtype a run here uses (float32 on a CPU)
+    default = "bfloat16" if torch.cuda.is_available() else "float32"
+    assert json.loads(run("inspect", model[0], "--json").stdout)["run_dtype"] == default
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -160,7 +163,8 @@ def test_inspect_min_offload_is_the_minimum_the_budget_check_accepts(model, tmp_
             load_model(path, device="cpu", dtype=dtype, provider=provider_factory(CacheOptions(ram=need - 1,
                                                                                               prefetch_depth=0)))
     table = " ".join(run("inspect", pack, "--dtype", dtype).stdout.replace("│", " ").split())
-    assert f"min --ram, offload ({dtype})" in table and "resident weights + one layer's top-2 experts" in table
+    assert f"min --ram, offload ({dtype})" in table
+    assert "resident weights + KV cache for 128 tokens + one layer's top-2 experts" in table
 
 
 def test_inspect_a_pack_shows_schemes_per_group_and_bytes_per_expert(model, tmp_path):

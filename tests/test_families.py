@@ -16,7 +16,7 @@ from moe_local.loading.checkpoint import Checkpoint
 from moe_local.models import FAMILIES, build_model, checkpoint_experts, load_weights
 from moe_local.models.mixtral import Mixtral
 from moe_local.models.weights import unread_tensors, weight_refs
-from moe_local.runtime.loader import load_model
+from moe_local.runtime.loader import load_model, resident_provider
 from moe_local.formats.schemes import PackedWeight
 from tests.tiny import TINY_CONFIGS, VOCAB, mixtral_config, save_tiny, to_mxfp4_checkpoint
 
@@ -110,7 +110,8 @@ def test_renames_map_our_parameters_to_the_checkpoint_names(tmp_path):
         model = RenamedMixtral(RenamedMixtral.Args.from_config(ckpt.config)).eval()
     assert unread_tensors(model, ckpt) == []
     load_weights(model, ckpt, "cpu", torch.float32)
-    model.experts.provider = ResidentExperts(checkpoint_experts(model, ckpt))
+    # the provider the loader gives every CPU run (one grouped kernel call per MoE layer)
+    model.experts.provider = resident_provider(checkpoint_experts(model, ckpt), model, torch.device("cpu"), torch.float32)
     reference = load_model(tmp_path / "plain", device="cpu", dtype="float32").model
     ids = torch.randint(0, VOCAB, (8,), generator=torch.Generator().manual_seed(0))
     for m in (model, reference):

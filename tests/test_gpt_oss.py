@@ -53,12 +53,14 @@ def test_gpt_oss_options_match_transformers(tmp_path):
     assert layers[0].mixer.q_proj.bias is None and lm.model.args.expert_act == ClampedSwiGLU(1.0, 0.1)
 
 
-def test_gpt_oss_mxfp4_hub_layout_matches_transformers(tmp_path):
+@pytest.mark.parametrize("bf16", [False, True])
+def test_gpt_oss_mxfp4_hub_layout_matches_transformers(tmp_path, bf16):
     """Experts as `*_blocks` + `*_scales` (quantization_config mxfp4): our model keeps the codes
     packed (mxfp4 PackedWeight, never dequantized to a stored float copy) and matches transformers'
-    dequantized model."""
+    dequantized model; also with every other tensor in bfloat16 as on the hub, run in float32 (the
+    bf16 matrices then stay bf16 in our model, the biases and sinks are cast)."""
     save_tiny(gpt_oss_config(), tmp_path / "float")
-    to_mxfp4_checkpoint(tmp_path / "float", tmp_path / "mxfp4")
+    to_mxfp4_checkpoint(tmp_path / "float", tmp_path / "mxfp4", bf16=bf16)
     lm = assert_matches_reference(tmp_path / "mxfp4", mxfp4_reference(tmp_path / "mxfp4"), vocab=VOCAB)
     w = lm.source.load(1, 5)
     assert all(isinstance(p, PackedWeight) and p.scheme.name == "mxfp4" for p in (w.gate, w.up, w.down))
@@ -104,13 +106,16 @@ def test_quantize_mxfp4_keeps_the_checkpoint_codes_and_the_biases(tmp_path):
     cli("quantize", tmp_path / "hub", tmp_path / "pack", "--scheme", "mxfp4")
     from moe_local.runtime.loader import load_model
 
+    cli("quantize", tmp_path / "float", tmp_path / "from-float", "--scheme", "mxfp4")
     src = load_model(tmp_path / "hub", device="cpu", dtype="float32").source
-    pack = Pack(tmp_path / "pack")
+    pack, from_float = Pack(tmp_path / "pack"), Pack(tmp_path / "from-float")
     for layer, e in ((0, 0), (2, 7)):
-        a, b = src.load(layer, e), pack.load(layer, e)
+        a, b, c = src.load(layer, e), pack.load(layer, e), from_float.load(layer, e)
         for p in ("gate", "up", "down"):
             for part in ("codes", "scales"):
+                # kept from the hub bytes, and the same bytes quantize makes from the float experts
                 assert torch.equal(getattr(a, p).packed[part], getattr(b, p).packed[part]), (layer, e, p, part)
+                assert torch.equal(getattr(c, p).packed[part], getattr(b, p).packed[part]), (layer, e, p, part)
         assert all(torch.equal(x.float(), y) for x, y in zip(a.biases, b.biases))
     assert json.loads((tmp_path / "pack" / "moe-pack.json").read_text())["minor_version"] >= 1
     # the pack runs exactly like the checkpoint it came from
@@ -132,6 +137,42 @@ def test_gpt_oss_pack_tiered_matches_resident(tmp_path, layout):
     run = ("--prompt-ids", "5,9,13,17,21,25,29,33", "-n", 10, "--temperature", "0", "--ignore-eos", "--json")
     tiered = json.loads(cli("generate", src, *run, "--experts", "tiered", "--ram", "2MiB", "--policy", "lru"))
     assert tiered["tokens"] == json.loads(cli("generate", src, *run, "--experts", "resident"))["tokens"]
+
+
+def test_bf16_logits_do_not_depend_on_the_cache(tmp_path):
+    """bfloat16, an MXFP4 pack with float32 expert biases, 6 of 24 experts cached (every expert paged
+    in and out of the slots): logits bit-identical to all experts resident, and the same tokens."""
+    from tests.cache_helpers import run, tiered_factory
+
+    save_tiny(gpt_oss_config(), tmp_path / "float")
+    to_mxfp4_checkpoint(tmp_path / "float", tmp_path / "hub")
+    cli("quantize", tmp_path / "hub", tmp_path / "pack", "--scheme", "mxfp4")
+    ids = torch.randint(0, VOCAB, (16,), generator=torch.Generator().manual_seed(3))
+    resident = run(tmp_path / "pack", ids, dtype="bfloat16", new=8)
+    tiered = run(tmp_path / "pack", ids, provider=tiered_factory(6), dtype="bfloat16", new=8)
+    assert torch.equal(resident[0], tiered[0]) and resident[1] == tiered[1]
+
+
+@pytest.mark.gpu
+def test_gpt_oss_mxfp4_on_cuda_matches_the_cpu(tmp_path):
+    """The torch MXFP4 kernel and the sink attention on a GPU (float32): the hub-layout checkpoint's
+    logits match the CPU run's, and so do its greedy tokens."""
+    from moe_local.runtime.loader import load_model
+
+    save_tiny(gpt_oss_config(), tmp_path / "float")
+    to_mxfp4_checkpoint(tmp_path / "float", tmp_path / "hub")
+    ids = torch.randint(0, VOCAB, (16,), generator=torch.Generator().manual_seed(1))
+    logits, tokens = [], []
+    for device in ("cpu", "cuda"):
+        model = load_model(tmp_path / "hub", device=device, dtype="float32").model
+        model.setup_cache(24)
+        out = model(ids.to(device), 0)
+        logits.append(out.cpu())
+        seq = [int(out[-1].argmax())]
+        for pos in range(16, 23):
+            seq.append(int(model(torch.tensor([seq[-1]], device=device), pos)[-1].argmax()))
+        tokens.append(seq)
+    assert (logits[0] - logits[1]).abs().max() < 1e-3 and tokens[0] == tokens[1]
 
 
 # --------------------------------------------------------------------------- real sizes

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from moe_local.experts import ExpertSource, ExpertWeights
+from moe_local.formats.schemes import PackedWeight
 
 NAMES = ("gate", "up", "down")
 BIASES = ("gate_bias", "up_bias", "down_bias")  # optional (gpt-oss)
@@ -28,9 +29,9 @@ def _tensors(w: ExpertWeights, name: str) -> dict[str | None, torch.Tensor]:
     t = getattr(w, name)
     if t is None or isinstance(t, torch.Tensor):
         return {} if t is None else {None: t}
-    if isinstance(getattr(t, "packed", None), dict):
+    if isinstance(t, PackedWeight):
         return dict(t.packed)
-    raise TypeError("adapters serialise plain tensors and packed weights with `.packed` parts only")
+    raise TypeError("adapters serialise plain tensors and formats.PackedWeight parts only")
 
 
 def _layout(w: ExpertWeights) -> tuple[list[Entry], int]:
@@ -59,8 +60,8 @@ def _decode(buf: torch.Tensor, layout, like: ExpertWeights) -> ExpertWeights:
         parts.setdefault(name, {})[part] = buf[off : off + n].view(dtype).view(shape)
     fields = {}
     for name, p in parts.items():
-        fields[name] = p[None] if None in p else type(getattr(like, name))(getattr(like, name).scheme, p,
-                                                                           getattr(like, name).shape)
+        model = getattr(like, name)
+        fields[name] = p[None] if None in p else PackedWeight(model.scheme, p, model.shape)
     return ExpertWeights(**fields)
 
 

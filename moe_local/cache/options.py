@@ -15,7 +15,8 @@ from typing import Callable, Sequence
 import torch
 
 from moe_local.cache.adapters import CheckpointBytes
-from moe_local.cache.budget import BudgetPlan, default_gpu_budget, default_ram_budget, module_bytes, plan_budget
+from moe_local.cache.budget import (KV_CONTEXT_DEFAULT, BudgetPlan, default_gpu_budget, default_ram_budget,
+                                    module_bytes, plan_budget)
 from moe_local.cache.policies import POLICIES
 from moe_local.cache.simulate import future_from_trace
 from moe_local.cache.tiered import MISS_MODES, TieredExperts
@@ -35,7 +36,7 @@ class CacheOptions:
     trace: str | Path | None = None  # write the routing trace here
     belady_trace: str | Path | None = None  # `--policy belady`: the trace of the same run, recorded earlier
     future: Sequence | None = None  # or the demand sequence itself (tests)
-    context: int = 4096  # tokens of KV cache the GPU budget reserves
+    context: int = KV_CONTEXT_DEFAULT  # tokens of KV cache the budget reserves (capped at the model's context)
     io_threads: int = 4
     record_accesses: bool = False
     extra: dict = field(default_factory=dict)
@@ -77,6 +78,12 @@ def check_gpu_mem(gpu_mem: int | None, device: torch.device) -> None:
         raise MoeLocalError(f"--gpu-mem {format_bytes(gpu_mem)} is more than {device}'s memory ({format_bytes(total)})")
 
 
+def kv_context(requested: int | None, model_context: int) -> int:
+    """Tokens of KV cache a budget plans for: the request (serve --ctx-size; 4096 by default), never
+    more than the model's context."""
+    return int(min(requested or KV_CONTEXT_DEFAULT, model_context))
+
+
 def as_bytes_source(source):
     """A pack reader is already an ExpertBytesSource; a plain checkpoint is adapted."""
     if all(hasattr(source, m) for m in ("read_into", "decode", "max_expert_nbytes", "expert_nbytes")):
@@ -94,23 +101,26 @@ def build_tiered(options: CacheOptions, source, model, device: torch.device, dty
     gpu_budget = parse_size(options.gpu_mem, "--gpu-mem")
     if cuda:
         check_gpu_mem(gpu_budget, device)
+    resident = module_bytes(model)  # already on `device`: loading put the non-expert weights there
     if cuda and gpu_budget is None:
-        gpu_budget = default_gpu_budget(device)
+        gpu_budget = default_gpu_budget(device, already_resident=resident)
     ram_budget = parse_size(options.ram, "--ram")
     if ram_budget is None:
         ram_budget = default_ram_budget()
     inter = int(args.moe_intermediate_size or args.intermediate_size)
     elem = torch.empty((), dtype=dtype).element_size()
+    kv_tokens = kv_context(options.context, args.max_position_embeddings)
     plan: BudgetPlan = plan_budget(
         slot_bytes=src.max_expert_nbytes(),
         num_keys=len(src.moe_layers) * src.num_experts,
         top_k=top_k,
-        resident_bytes=module_bytes(model),
-        kv_bytes=model.kv_cache_bytes(options.context, dtype) if cuda else 0,
+        resident_bytes=resident,
+        kv_bytes=model.kv_cache_bytes(kv_tokens, dtype),  # on the GPU with CUDA, in RAM on a CPU
         expanded_bytes=inter * args.hidden_size * elem,
         gpu_budget=gpu_budget,
         ram_budget=ram_budget,
         cuda=cuda,
+        kv_tokens=kv_tokens,
     )
     future = options.future
     if future is None and options.belady_trace is not None:
@@ -119,8 +129,11 @@ def build_tiered(options: CacheOptions, source, model, device: torch.device, dty
     predictor = model.lookahead(options.prefetch_depth, options.prefetch_extra) if options.prefetch_depth > 0 else None
     trace = None
     if options.trace is not None:
+        # what the same budget spent besides slots, so `simulate --budget X` means what `--ram X` did
         trace = TraceRecorder(options.trace, args.model_type, src.num_experts, top_k, src.moe_layers,
-                              src.max_expert_nbytes())
+                              src.max_expert_nbytes(), budget={"slot_bytes": plan.slot_bytes,
+                                                               "fixed_bytes": plan.fixed_bytes,
+                                                               "device": "gpu" if cuda else "ram"})
     return TieredExperts(
         src, top_k=top_k, host_slots=plan.host_slots, gpu_slots=plan.gpu_slots, act=args.expert_act,
         device=device, dtype=dtype, policy=options.policy, future=future,

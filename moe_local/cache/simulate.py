@@ -356,16 +356,36 @@ def min_slots(trace: Trace, per_layer: bool = False) -> int:
     return trace.top_k * (len(trace.moe_layers) if per_layer else 1)
 
 
+def budget_spend(trace: Trace) -> tuple[int, int]:
+    """(bytes per slot, bytes the run's budget spent on everything but slots) for turning --budget
+    into slots the way --ram / --gpu-mem did. A trace recorded by the tiered cache says both in its
+    header ("budget": resident weights + KV cache [+ GPU workspace], and the page-rounded slot);
+    an older or hand-made trace has only expert_bytes, and then the whole budget buys slots."""
+    spend = trace.extra.get("budget")
+    if isinstance(spend, dict):
+        slot, fixed = spend.get("slot_bytes"), spend.get("fixed_bytes")
+        if all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (slot, fixed)) and slot > 0:
+            return slot, fixed
+        raise MoeLocalError("line 1: header field 'budget' must hold integers slot_bytes > 0 and fixed_bytes >= 0",
+                            trace.path)
+    return trace.expert_bytes, 0
+
+
 def budget_slots(trace: Trace, budget_bytes: int, *, per_layer: bool = False) -> int:
-    """Expert slots a byte budget buys (capped at all experts), or a one-line error with the minimum."""
+    """Expert slots a byte budget buys (capped at all experts), or a one-line error with the minimum.
+
+    The budget means what --ram (on a CPU) or --gpu-mem meant for the recorded run: the bytes the
+    run spent besides expert slots are subtracted first (see budget_spend)."""
     if trace.expert_bytes <= 0:
         raise MoeLocalError("trace header has no expert_bytes; cannot turn --budget into slots", trace.path)
-    slots = min(budget_bytes // trace.expert_bytes, trace.num_experts * len(trace.moe_layers))
+    slot, fixed = budget_spend(trace)
+    slots = min(max(0, budget_bytes - fixed) // slot, trace.num_experts * len(trace.moe_layers))
     need = min_slots(trace, per_layer)
     if slots < need:
+        besides = f" after {fixed} bytes of resident weights and KV cache" if fixed else ""
         raise MoeLocalError(
-            f"budget of {budget_bytes} bytes holds {slots} experts of {trace.expert_bytes} bytes; "
-            f"the minimum is {need} ({need * trace.expert_bytes} bytes)"
+            f"budget of {budget_bytes} bytes holds {slots} experts of {slot} bytes{besides}; "
+            f"the minimum is {need} ({fixed + need * slot} bytes)"
         )
     return slots
 

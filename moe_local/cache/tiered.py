@@ -260,7 +260,7 @@ class TieredExperts:
         its slot (the decode steady state), else one call per expert as it arrives (its slot may be
         reused by a later one). Both sum in ascending expert order: bitwise the same result."""
         out = torch.zeros(x.shape, dtype=torch.float32)
-        rows = []
+        rows, alive = [], []
         one_call = not run.pending and not run.stream and not run.cpu_keys
         for e in experts:
             w = self._fetch(run, (run.layer, e))
@@ -270,6 +270,7 @@ class TieredExperts:
                 raise MoeLocalError(f"layer {run.layer} expert {e}: its layout differs from expert 0's")
             if one_call:
                 rows.append(row)
+                alive.append(w)  # a row holds raw pointers: a converted copy must outlive the call
             else:
                 kernels_cpu.moe_accumulate(out, x, ids, weights, row[None], torch.tensor([e]), self.act_name)
         if one_call:
@@ -685,6 +686,7 @@ class TieredExperts:
             for e in ranked:
                 k = (target, e)
                 if k in tier.table or (tier is self.host and self.gpu is not None and k in self.gpu.table):
+                    protect.add(k)  # famB2: a predicted expert already here must not make room for the next one
                     continue
                 if self._acquire(tier, k, hard=protect, block=False) is None:
                     break

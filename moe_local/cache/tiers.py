@@ -76,13 +76,53 @@ class SlotTable:
         return set(self.pins) | self.transient
 
 
-def allocate_slab(slots: int, slot_bytes: int, device: torch.device, pin: bool = False) -> torch.Tensor:
-    """One uint8 tensor [slots, slot_bytes]. Rows start on a 4096-byte boundary (slot_bytes is a page
+def pinned_piece_sizes(slots: int, slot_bytes: int) -> list[tuple[int, int]]:
+    """(bytes, slots) of the pieces a pinned slab is allocated in: every piece a power of two bytes.
+
+    Why: torch's pinned host allocator rounds each block up to the next power of two, so one 24.7 GB
+    slab would pin 32 GiB -- far past `--ram`. A piece of exactly 2^k bytes is not rounded; taking
+    the largest 2^k that the remaining slots fill at least one slot of leaves less than one slot of
+    each piece unused, and the pieces halve the remainder each time (a few dozen at most)."""
+    pieces: list[tuple[int, int]] = []
+    left = slots
+    while left > 0:
+        want = left * slot_bytes
+        size = 1 << (want.bit_length() - 1)  # the largest power of two <= want
+        if size < slot_bytes:  # fewer than one slot fits: the smallest power of two that holds one
+            size = 1 << (slot_bytes - 1).bit_length()
+        n = min(left, size // slot_bytes)
+        pieces.append((size, n))
+        left -= n
+    return pieces
+
+
+class PieceSlab:
+    """Slots spread over several tensors, addressed like one [slots, slot_bytes] tensor (`slab[i, :n]`)."""
+
+    def __init__(self, pieces: list[torch.Tensor], slot_bytes: int) -> None:
+        self.pieces = pieces  # each [n_i, slot_bytes]
+        self._where = [(p, row) for p in pieces for row in range(p.shape[0])]
+        self.shape = (len(self._where), slot_bytes)
+
+    def __getitem__(self, index):
+        slot, cols = index
+        piece, row = self._where[slot]
+        return piece[row, cols]
+
+
+def allocate_slab(slots: int, slot_bytes: int, device: torch.device, pin: bool = False, pieces: bool | None = None):
+    """One uint8 slab [slots, slot_bytes]. Rows start on a 4096-byte boundary (slot_bytes is a page
     multiple), so views of any dtype into a slot are aligned. Host slabs are pinned when a GPU will
-    read them (only pinned memory copies asynchronously at full PCIe speed)."""
+    read them (only pinned memory copies asynchronously at full PCIe speed), and then allocated in
+    power-of-two pieces (`pinned_piece_sizes`) so the pinned allocator does not round the slab up.
+    `pieces` forces (or forbids) the piecewise layout on any host slab (tests)."""
     if slots == 0:
         return torch.empty((0, slot_bytes), dtype=torch.uint8, device=device)
     if device.type == "cpu":
+        if pieces if pieces is not None else pin:
+            parts = [torch.empty(size, dtype=torch.uint8, pin_memory=pin)[: n * slot_bytes].view(n, slot_bytes)
+                     for size, n in pinned_piece_sizes(slots, slot_bytes)]
+            return PieceSlab(parts, slot_bytes)
         return torch.empty((slots, slot_bytes), dtype=torch.uint8, pin_memory=pin)
     return torch.empty((slots, slot_bytes), dtype=torch.uint8, device=device)
 
@@ -105,7 +145,7 @@ class TierState:
 class Tier:
     """A slab plus its table and its eviction policy: the RAM tier or the GPU tier."""
 
-    def __init__(self, name: str, slab: torch.Tensor, policy) -> None:
+    def __init__(self, name: str, slab: "torch.Tensor | PieceSlab", policy) -> None:
         self.name = name
         self.slab = slab
         self.table = SlotTable(slab.shape[0])

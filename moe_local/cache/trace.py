@@ -162,9 +162,13 @@ class TraceRecorder:
     """
 
     def __init__(self, path: str | Path, model: str, num_experts: int, top_k: int,
-                 moe_layers: Sequence[int], expert_bytes: int) -> None:
+                 moe_layers: Sequence[int], expert_bytes: int, budget: Mapping[str, object] | None = None) -> None:
+        """budget: how the run's budget was spent besides expert slots ({"slot_bytes", "fixed_bytes",
+        "device"}), written into the header so `simulate --budget` turns a byte figure into the
+        same slot count `--ram` / `--gpu-mem` did."""
         self.writer = TraceWriter(path, model=model, num_experts=num_experts, top_k=top_k,
-                                  moe_layers=moe_layers, expert_bytes=expert_bytes)
+                                  moe_layers=moe_layers, expert_bytes=expert_bytes,
+                                  extra={"budget": dict(budget)} if budget else None)
         self.moe_layers = self.writer.moe_layers
         self.index = {l: i for i, l in enumerate(self.moe_layers)}
         self.t = 0

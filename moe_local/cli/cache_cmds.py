@@ -57,7 +57,9 @@ def simulate_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON instead of tables.")] = False,
 ) -> None:
     """Replay a routing trace through cache policies and sizes; compare with the Belady optimum."""
-    from moe_local.cache.simulate import grid_runs, plan_grid, recommend, recommendation_candidates, run_grid
+    from moe_local.cache.simulate import (budget_spend, grid_runs, plan_grid, recommend, recommendation_candidates,
+                                          run_grid)
+    from moe_local.units import format_bytes
     from moe_local.cache.trace import read_trace
 
     trace = read_trace(trace_file)
@@ -112,8 +114,11 @@ def simulate_cmd(
 
     if rec is not None:
         fit = " (every expert fits: only first uses miss)" if rec.all_fit else ""
+        slot, fixed = budget_spend(trace)
+        spent = (f"{format_bytes(fixed)} for resident weights and KV cache (as the recorded run's "
+                 f"--{'gpu-mem' if trace.extra['budget'].get('device') == 'gpu' else 'ram'} counted them) + ") if fixed else ""
         out.print(
-            f"budget {budget}: {rec.slots} expert slots of {trace.expert_bytes:,} bytes{fit}. "
+            f"budget {budget}: {spent}{rec.slots} expert slots of {slot:,} bytes{fit}. "
             f"Recommended: --policy {rec.policy} --prefetch-depth {rec.prefetch_depth}, "
             f"expected hit rate {100 * rec.hit_rate:.1f}% (Belady optimum without prefetch "
             f"{100 * rec.belady_hit_rate:.1f}%)."

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import signal
 import sys
 from typing import Callable, TypeVar
 
@@ -38,8 +39,9 @@ def user_errors(fn: F) -> F:
         except OSError as exc:  # read-only folder, full disk, permissions: what the OS said, about which file
             where = f"{exc.filename}: " if exc.filename else ""
             raise fail(f"{where}{exc.strerror or exc}") from None
-        except KeyboardInterrupt:
-            err.print("interrupted")
-            sys.exit(130)
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP turned into one (convert.quantize.Terminated)
+            signum = getattr(exc, "signum", signal.SIGINT)
+            err.print("interrupted" if signum == signal.SIGINT else f"terminated ({signal.Signals(signum).name})")
+            sys.exit(128 + signum)
 
     return wrapper  # type: ignore[return-value]

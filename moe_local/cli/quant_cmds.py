@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn,
                            TransferSpeedColumn)
 from rich.table import Table
@@ -51,7 +52,8 @@ def quantize_cmd(
     bars = ProgressBars(err)
     try:
         result = quantize(src, out_dir, recipe, calibration_path=calibration, calibration_tokens=calibration_tokens,
-                          force=force, progress=bars, revision=revision)
+                          force=force, progress=bars, revision=revision,
+                          note=lambda text: err.print(f"[yellow]note: {escape(text)}[/]"))
     finally:
         bars.stop()
     err.print(

@@ -310,7 +310,8 @@ def repl(session, convo, gen: GenerateOptions) -> None:
 @user_errors
 def inspect_cmd(
     model: ModelArg,
-    dtype: Annotated[str, typer.Option(help="dtype the memory figures assume: float32 | bfloat16 | float16")] = "bfloat16",
+    dtype: Annotated[Optional[str], typer.Option(help="dtype the memory figures assume: float32 | bfloat16 | float16 "
+                                                "(default: what a run here uses, bf16 on GPU, fp32 on CPU)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Family, experts, parameters and the memory a run needs, from config and headers (no weights read).
@@ -341,8 +342,11 @@ def inspect_cmd(
           if s.state_bytes else []),
         (f"memory, all resident ({s.run_dtype})", format_bytes(s.memory_all_resident)),
         (f"min --ram, offload ({s.run_dtype})",
-         f"{format_bytes(s.memory_min_offload)} (CPU expert offload: resident weights + one layer's "
-         f"top-{s.top_k} experts, the budget check's minimum; KV cache not included)"),
+         f"{format_bytes(s.memory_min_offload, round_up=True)} (CPU expert offload: resident weights + KV cache "
+         f"for {s.kv_tokens} tokens + one layer's top-{s.top_k} experts, the budget check's minimum)"),
+        (f"min --gpu-mem ({s.run_dtype})",
+         f"{format_bytes(s.memory_min_gpu, round_up=True)} (the same + the GPU workspace: activations, "
+         f"cuBLAS, fragmentation)"),
     ]
     if s.checkpoint_dtype == CONFIG_ONLY:  # a folder with only config.json: nothing stored to describe
         at = [name for name, _ in rows].index("checkpoint")

@@ -18,10 +18,13 @@ import os
 import re
 import resource
 import shutil
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import psutil
 import torch
@@ -181,7 +184,11 @@ def make_plan(src: Path, recipe: Recipe, shard_bytes: int = SHARD_BYTES) -> Plan
         name, shape = ref.name, ref.shape
         item = DenseItem(name, shape, _source_nbytes(ckpt, name))
         st = _st_dtype(ckpt, name)
-        if len(shape) != 2:
+        if st in BY_SAFETENSORS and not BY_SAFETENSORS[st].torch.is_floating_point:
+            item.out_dtype = BY_SAFETENSORS[st].torch  # integer tables (DeepSeek-V4's tid2eid) as they are
+        elif ref.fp32:
+            item.out_dtype = torch.float32  # keep_fp32 parameters (V4's hyper-connection maps) stay exact
+        elif len(shape) != 2:
             item.out_dtype = _float_dtype(st)  # norms, biases, router bias: never rounded
         elif dense_scheme is not None and not _is_router(name, shape, a.num_experts):
             item.scheme = dense_scheme
@@ -474,10 +481,13 @@ def quantize(
     progress: QuantizeProgress | None = None,
     shard_bytes: int = SHARD_BYTES,
     revision: str | None = None,
+    note: Callable[[str], None] | None = None,
 ) -> QuantizeReport | Plan:
     """Quantize `src_ref` into a pack at `out` (with dry_run: only plan it, and return the plan).
 
-    `progress` hears each phase as it runs (see QuantizeProgress); nothing is printed here."""
+    `progress` hears each phase as it runs (see QuantizeProgress), `note` one-line remarks (stale
+    partial folders removed); nothing is printed here. SIGINT, SIGTERM and SIGHUP while writing
+    remove the partial folder before the exception (KeyboardInterrupt / Terminated) propagates."""
     t_start = time.perf_counter()
     rss_before = _rss()
     src = resolve_model_dir(src_ref, revision)
@@ -493,15 +503,23 @@ def quantize(
         return plan
     progress = progress or _Silent()
 
-    calibration = None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise MoeLocalError(f"cannot create the folder for the pack: {exc.strerror or exc}", out.parent) from None
-    _remove_stale_partials(out)
+    _remove_stale_partials(out, note)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
+    with _signals_raise():
+        return _write_pack(src, src_ref, out, tmp, plan, recipe, calibration_path, calibration_tokens, progress,
+                           t_start, rss_before)
+
+
+def _write_pack(src: Path, src_ref, out: Path, tmp: Path, plan: Plan, recipe: Recipe, calibration_path,
+                calibration_tokens: int, progress: QuantizeProgress, t_start: float, rss_before: int) -> QuantizeReport:
+    """Everything that writes: into `tmp`, verified, renamed to `out`; any failure removes `tmp`."""
+    calibration = None
     try:
         if calibration_path is not None:
             progress.begin("calibrating", None, "?", "tokens")
@@ -602,12 +620,57 @@ def _manifest(plan: Plan, ref: str, src: Path, ranges: list[dict], calibration, 
     }
 
 
-def _remove_stale_partials(out: Path) -> None:
-    """Temporary folders of earlier runs for the same OUT that were killed (SIGKILL, power loss)."""
-    for path in out.parent.glob(f".{out.name}.partial-*"):
-        pid = path.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and not psutil.pid_exists(int(pid)):
+STALE_PATTERN = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old)-(?P<pid>\d+)$")
+
+
+def _remove_stale_partials(out: Path, note: Callable[[str], None] | None = None) -> list[Path]:
+    """Remove the temporary folders (`.NAME.partial-PID`, `.NAME.old-PID`) that earlier runs killed
+    by SIGKILL or a power loss left next to OUT, for any output name, when process PID no longer
+    exists. A live PID's folder is another quantize still running: it is never touched."""
+    removed = []
+    for path in sorted(out.parent.glob(".*-*")):
+        m = STALE_PATTERN.match(path.name)
+        if m is None or not path.is_dir():
+            continue
+        pid = int(m["pid"])
+        if pid != os.getpid() and not psutil.pid_exists(pid):
+            size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
             shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+            if note is not None:
+                note(f"removed {path} ({size:,} bytes), left by an interrupted quantize (process {pid} is gone)")
+    return removed
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM / SIGHUP while quantizing, raised in the main thread so the cleanup path runs.
+
+    A KeyboardInterrupt subclass on purpose: everything that already unwinds on Ctrl-C (removing the
+    partial folder, closing files) unwinds the same way; `signum` gives the exit status 128 + N."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextmanager
+def _signals_raise() -> Iterator[None]:
+    """While writing, turn SIGTERM and SIGHUP into `Terminated` (the default action would kill the
+    process before the partial output could be removed). SIGINT already raises KeyboardInterrupt.
+    Only the main thread can install handlers; elsewhere (a server's worker) nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated(signum)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def _install(tmp: Path, out: Path) -> None:

@@ -36,6 +36,7 @@ except ImportError:  # not built: the torch path serves (see module docstring)
     _cpu = None
 
 ISA_ENV = "MOE_LOCAL_CPU_ISA"
+ISAS = ("portable", "avx2", "avx512")
 KINDS = {"fp32": 0, "bf16": 1, "fp16": 2, "int8": 3, "int4": 4, "nf4": 5, "ternary": 6, "ternary-absmean": 6}
 FLOAT_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 SCALE_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -88,8 +89,8 @@ def isas() -> list[str]:
 def set_isa(name: str) -> None:
     if _cpu is None:
         raise MoeLocalError(f"{ISA_ENV}={name}: the C kernels are not built")
-    if name not in ("portable", "avx2", "avx512"):
-        raise MoeLocalError(f"{ISA_ENV} must be portable, avx2 or avx512, got {name!r}")
+    if name not in ISAS:
+        raise MoeLocalError(f"{ISA_ENV} must be one of {', '.join(ISAS)}, got {name!r}")
     if name not in _cpu.isas():
         raise MoeLocalError(f"{ISA_ENV}={name}: this CPU does not support it (supported: {', '.join(_cpu.isas())})")
     _cpu.set_isa(name)

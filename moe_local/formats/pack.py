@@ -33,7 +33,7 @@ from typing import Any, Sequence
 import torch
 from safetensors import safe_open
 
-from moe_local.errors import CheckpointError
+from moe_local.errors import CheckpointError, MoeLocalError
 from moe_local.experts import ExpertWeights
 from moe_local.formats import kernels_cpu
 from moe_local.formats.schemes import PackedWeight, get_scheme
@@ -159,7 +159,22 @@ class PackedExpertLayout:
                     slots.append(slot)
                 projections[proj] = ProjLayout(p["scheme"], dict(p["params"]), tuple(p["shape"]), tuple(slots))
             layout = cls(projections, int(data["nbytes"]))
-        except (KeyError, TypeError, ValueError) as exc:
+            for proj, p in projections.items():
+                if not isinstance(p.scheme, str):
+                    raise CheckpointError(f"expert layout of {proj} has scheme {p.scheme!r}; expected a name", where)
+                try:
+                    scheme = get_scheme(p.scheme, **p.params)  # an unknown scheme or parameter fails at open
+                except MoeLocalError as exc:
+                    raise CheckpointError(f"expert layout of {proj}: {exc}", where) from None
+                want = set(scheme.tensor_specs(p.shape))
+                if {t.name for t in p.tensors} != want:
+                    raise CheckpointError(f"expert layout of {proj} lists tensors {sorted(t.name for t in p.tensors)}; "
+                                          f"scheme {p.scheme!r} stores {sorted(want)}", where)
+                if len(p.shape) != 2 or not all(isinstance(n, int) and n > 0 for n in p.shape):
+                    raise CheckpointError(f"expert layout of {proj} has shape {list(p.shape)}; expected [out, in]", where)
+                if any(not isinstance(n, int) or n < 0 for t in p.tensors for n in t.shape):
+                    raise CheckpointError(f"expert layout of {proj} has a tensor with a bad shape", where)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
             raise CheckpointError(f"malformed expert layout in the manifest ({exc!r})", where) from None
         end = max((t.offset + t.nbytes for p in projections.values() for t in p.tensors), default=0)
         if end > layout.nbytes:
@@ -370,7 +385,7 @@ class Pack:
         try:
             self._open_dense(m["dense"])
             self._open_experts(m["experts"])
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
             raise CheckpointError(f"malformed manifest ({exc!r})", self.manifest_path) from None
 
     # ----------------------------------------------------------------- opening
@@ -570,10 +585,16 @@ class Pack:
         self.read_into(layer, expert, out, verify=True)
 
     def _scheme(self, name: str, params: dict):
-        key = name + json.dumps(params, sort_keys=True)
+        key = json.dumps([name, params], sort_keys=True, default=repr)
         scheme = self._schemes.get(key)
         if scheme is None:
-            scheme = self._schemes[key] = get_scheme(name, **params)
+            try:
+                scheme = self._schemes[key] = get_scheme(name, **params)
+            except (TypeError, ValueError) as exc:
+                raise CheckpointError(f"scheme {name!r} with params {params!r} cannot be built ({exc})",
+                                      self.manifest_path) from None
+            except MoeLocalError as exc:
+                raise CheckpointError(str(exc), self.manifest_path) from None
         return scheme
 
     def decode(self, buf: torch.Tensor, layer: int, expert: int) -> ExpertWeights:

@@ -33,11 +33,12 @@ FAMILIES: dict[str, str] = {
     "minimax_m2": "moe_local.models.minimax_m2:MiniMaxM2",
     "deepseek": "moe_local.models.deepseek_moe:DeepseekMoe",  # DeepSeekMoE 16B (hub remote code)
     "gpt_oss": "moe_local.models.gpt_oss:GptOss",
+    "deepseek_v4": "moe_local.models.deepseek_v4:DeepseekV4",
 }
 
 
 def family_class(model_type: str | None) -> type[CausalLM]:
-    if model_type not in FAMILIES:
+    if not isinstance(model_type, str) or model_type not in FAMILIES:
         raise ConfigError(
             f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(FAMILIES))}"
         )

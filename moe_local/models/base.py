@@ -32,8 +32,6 @@ family inherits from `CausalLM`.
 
 from __future__ import annotations
 
-import math
-import types
 import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, ClassVar, Sequence
@@ -42,79 +40,13 @@ import torch
 from torch import nn
 
 from moe_local.errors import ConfigError
+from moe_local.experts import ACTIVATIONS
+from moe_local.models.config_values import check_config_value
 from moe_local.loading.checkpoint_map import CheckpointMap
 from moe_local.models.layers import Embedding, ExpertsHandle, Linear, RMSNorm, Rope, RopeConfig, Router
 from moe_local.models.lookahead import RouterLookahead
 
 Tap = Callable[[str, torch.Tensor], None]  # (site, normed hidden state) inside one decoder layer
-
-
-def _accepts(value: Any, hint: Any) -> tuple[bool, Any]:
-    """Whether a JSON value fits a field's type hint, and the value to store (integral floats -> int)."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        for arm in typing.get_args(hint):
-            ok, out = _accepts(value, arm)
-            if ok:
-                return True, out
-        return False, value
-    if hint is type(None):
-        return value is None, value
-    if hint is Any:
-        return True, value
-    if hint is bool:
-        return isinstance(value, bool), value
-    if hint is int:
-        if isinstance(value, float) and not isinstance(value, bool) and value.is_integer():
-            return True, int(value)  # 4096.0 means 4096
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool), value
-    if hint is str:
-        return isinstance(value, str), value
-    if origin is list or hint is list:
-        if not isinstance(value, list):
-            return False, value
-        (item,) = typing.get_args(hint) or (Any,)
-        checked = [_accepts(v, item) for v in value]
-        return all(ok for ok, _ in checked), [v for _, v in checked]
-    if origin is dict or hint is dict:
-        return isinstance(value, dict), value
-    return True, value
-
-
-def _type_words(hint: Any) -> str:
-    """A type hint in the words an error message uses ("an integer or null")."""
-    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
-    arms = typing.get_args(hint) if union else (hint,)
-    words = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "an object",
-             type(None): "null"}
-    return " or ".join(words.get(a) or words.get(typing.get_origin(a)) or "a list" for a in arms)
-
-
-def check_config_value(key: str, value: Any, hint: Any, positive: bool = False) -> Any:
-    """One config.json value against its field's type and range; returns the value to store."""
-    ok, value = _accepts(value, hint)
-    if not ok:
-        raise ConfigError(f"config.json: {key} must be {_type_words(hint)}, got {json_repr(value)}")
-    if isinstance(value, bool) or value is None:
-        return value
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"config.json: {key} must be a finite number, got {value}")
-    if isinstance(value, float) and positive and value <= 0:
-        raise ConfigError(f"config.json: {key} must be > 0, got {value}")
-    if isinstance(value, int) and value < (1 if positive else 0):
-        raise ConfigError(f"config.json: {key} must be {'>= 1' if positive else '>= 0'}, got {value}")
-    if isinstance(value, list):
-        for v in value:
-            if isinstance(v, int) and not isinstance(v, bool) and v < 0:
-                raise ConfigError(f"config.json: {key} must hold values >= 0, got {v}")
-    return value
-
-
-def json_repr(value: Any) -> str:
-    text = repr(value) if not isinstance(value, str) else '"' + value + '"'
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 @dataclass
@@ -182,6 +114,9 @@ class ModelArgs:
         hints = typing.get_type_hints(cls)
         for name, value in list(values.items()):
             values[name] = check_config_value(spelled.get(name, name), value, hints[name], name in cls.positive)
+        act = values.get("hidden_act", "silu")
+        if act not in ACTIVATIONS:
+            raise ConfigError(f"config.json: hidden_act {act!r} is not supported (supported: {', '.join(ACTIVATIONS)})")
         heads, kv_heads = values["num_attention_heads"], values["num_key_value_heads"]
         if heads % kv_heads:
             raise ConfigError(f"config.json: num_attention_heads={heads} is not a multiple of "

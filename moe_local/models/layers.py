@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe_local.errors import ConfigError
 from moe_local.experts import ACTIVATIONS, ExpertProvider
+from moe_local.models.config_values import check_config_value
 from moe_local.formats.compute import linear
 from moe_local.formats.schemes import PackedWeight
 
@@ -80,13 +82,31 @@ class RopeConfig:
     attention_factor: float | None = None  # explicit cos/sin scale; YaRN infers it from factor/mscale otherwise
     truncate: bool = True  # YaRN: round the correction range to whole dims (transformers' default)
 
+    KINDS: ClassVar[tuple[str, ...]] = ("default", "linear", "yarn")
+
     @classmethod
     def from_config(cls, cfg: dict, dim: int) -> "RopeConfig":
+        """Read (and check: type, range, known kind) the rotary settings, naming the key on failure."""
+        for key in ("rope_parameters", "rope_scaling"):
+            check_config_value(key, cfg.get(key), dict | None)
         params = dict(cfg.get("rope_parameters") or {})
         scaling = cfg.get("rope_scaling") or {}
         params = {**scaling, **params}
+        hints = {"rope_theta": float, "factor": float | None, "original_max_position_embeddings": int | None,
+                 "beta_fast": float | None, "beta_slow": float | None, "mscale": float | None,
+                 "mscale_all_dim": float | None, "attention_factor": float | None, "truncate": bool,
+                 "rope_type": str | None, "type": str | None}
+        positive = ("rope_theta", "factor", "original_max_position_embeddings")
+        for key, hint in hints.items():
+            if key in params:
+                params[key] = check_config_value(f"rope_parameters.{key}", params[key], hint, key in positive)
+        for key in ("rope_theta", "original_max_position_embeddings"):
+            if key in cfg:
+                check_config_value(key, cfg[key], hints[key], True)
         theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
         kind = params.get("rope_type", params.get("type", "default")) or "default"
+        if kind not in cls.KINDS:
+            raise ConfigError(f"config.json: rope type {kind!r} is not supported (supported: {', '.join(cls.KINDS)})")
         # As transformers' standardize_rope_params: a top-level original_max_position_embeddings
         # wins, else the rope dict's, else max_position_embeddings (never the cache length).
         original = cfg.get("original_max_position_embeddings") or params.get("original_max_position_embeddings") \

@@ -87,7 +87,7 @@ def load_token_ids(path: str | Path, max_tokens: int | None = None, vocab_size: 
     except (ValueError, OSError, EOFError) as exc:
         raise MoeLocalError(f"{TOKEN_FILE_WANTED}, found a truncated or unreadable array ({exc})", path) from None
     end = len(arr) if max_tokens is None else min(len(arr), offset + max_tokens)
-    ids = torch.from_numpy(np.asarray(arr[offset:end], dtype=np.int64))
+    ids = torch.from_numpy(np.array(arr[offset:end], dtype=np.int64))  # a copy: the map is read-only
     if ids.numel() < 2:
         raise MoeLocalError(f"needs at least 2 token ids, has {ids.numel()} (after offset {offset})", path)
     if vocab_size is not None and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):

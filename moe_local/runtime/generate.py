@@ -21,6 +21,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from moe_local.cache.budget import prefill_chunk as prefill_chunk_tokens
 from moe_local.errors import GenerationError
 from moe_local.loading.checkpoint import read_json
 from moe_local.runtime.sampling import Sampler, SamplingOptions
@@ -160,9 +161,14 @@ class Generator:
     """Owns the model's KV cache for a sequence of requests on one LoadedModel."""
 
     def __init__(self, lm, tokenizer: Tokenizer | None = None, eos_ids: Sequence[int] | None = None,
-                 on_step: Callable[[StepInfo], None] | None = None, reuse_prefix: bool = True) -> None:
+                 on_step: Callable[[StepInfo], None] | None = None, reuse_prefix: bool = True,
+                 prefill_chunk: int | None = None) -> None:
+        """prefill_chunk: tokens per prefill forward (None: sized by cache.budget.prefill_chunk from the
+        model's heads and context, so one chunk's attention scores fit the planned workspace)."""
         self.lm = lm
         self.model = lm.model
+        args = self.model.args
+        self.prefill_chunk = int(prefill_chunk or prefill_chunk_tokens(args.num_attention_heads, self.context_length))
         self.tokenizer = tokenizer
         self.eos_ids = set(eos_ids if eos_ids is not None else eos_ids_for(lm.root, lm.config, tokenizer))
         self.on_step = on_step
@@ -172,8 +178,17 @@ class Generator:
         self._seen: int | None = None  # the model's kv_version after our last use of its cache
 
     @property
-    def context_length(self) -> int:
+    def model_context(self) -> int:
         return int(self.model.args.max_position_embeddings)
+
+    @property
+    def context_length(self) -> int:
+        """Positions this generator may use: the model's context, capped at the KV cache the memory
+        budget planned for (`BudgetPlan.kv_tokens`), so the cache never grows past what --ram /
+        --gpu-mem reserved for it."""
+        plan = getattr(self.lm.provider, "plan", None)
+        planned = getattr(plan, "kv_tokens", 0) or 0
+        return min(self.model_context, planned) if planned else self.model_context
 
     @property
     def vocab_size(self) -> int:
@@ -184,6 +199,11 @@ class Generator:
         if not prompt_ids:
             raise GenerationError("the prompt is empty: give at least one token")
         if len(prompt_ids) >= self.context_length:
+            if self.context_length < self.model_context:
+                raise GenerationError(
+                    f"prompt has {len(prompt_ids)} tokens but the memory budget reserved a KV cache of "
+                    f"{self.context_length} tokens (the model's context is {self.model_context}); shorten the "
+                    f"prompt, or reserve more (serve --ctx-size)")
             raise GenerationError(
                 f"prompt has {len(prompt_ids)} tokens but the model's context is {self.context_length} "
                 f"(max_position_embeddings in {where}); shorten the prompt")
@@ -237,6 +257,18 @@ class Generator:
         return self.stream(prompt_ids, options).collect()
 
     def _forward(self, ids: list[int], start: int, phase: str) -> torch.Tensor:
+        """Run `ids` at positions start.. and return the last position's logits.
+
+        A long prefill runs in chunks of `prefill_chunk` tokens (each a step of its own for `on_step`):
+        the same logits as one forward, since every chunk attends to the cached positions before it,
+        with activations bounded by the chunk instead of the prompt."""
+        row = None
+        for at in range(0, len(ids), self.prefill_chunk):
+            row = self._forward_one(ids[at:at + self.prefill_chunk], start + at, phase)
+        assert row is not None
+        return row
+
+    def _forward_one(self, ids: list[int], start: int, phase: str) -> torch.Tensor:
         if self.on_step is not None:
             self.on_step(StepInfo(phase, start, len(ids)))
         # Positions >= start are overwritten (or left stale if the forward fails): forget them first.

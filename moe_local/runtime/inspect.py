@@ -22,8 +22,9 @@ from moe_local.loading.hub import resolve_model_dir
 from moe_local.formats.pack import Pack, is_pack, read_st_header
 from moe_local.formats.schemes import get_scheme
 from moe_local.models.weights import checkpoint_experts, resident_bytes
-from moe_local.runtime.loader import build_model_for, resolve_dtype
-from moe_local.units import BY_SAFETENSORS, DTYPES, format_bytes, layer_ranges
+from moe_local.cache.budget import KV_CONTEXT_DEFAULT
+from moe_local.runtime.loader import build_model_for, resolve_device, resolve_dtype
+from moe_local.units import BY_SAFETENSORS, DTYPES, dtype_name, format_bytes, layer_ranges
 
 
 CONFIG_ONLY = "no weights: sizes from config.json"  # checkpoint_dtype of a config-only summary
@@ -64,8 +65,12 @@ class ModelSummary:
     kv_bytes_per_token: int
     memory_all_resident: int  # dense weights as held (bf16 stays bf16) + all experts + KV cache at full context
     # the smallest --ram the tiered cache accepts on a CPU: resident (non-expert) weights as held +
-    # one layer's top-k expert slots, by cache.budget.min_budget (the rule plan_budget enforces)
+    # the KV cache for kv_tokens + one layer's top-k expert slots, by cache.budget.min_budget (the rule
+    # plan_budget enforces)
     memory_min_offload: int
+    kv_tokens: int = 0  # the context a budget reserves KV cache for (min(4096, context))
+    # the smallest --gpu-mem on a GPU: the same + the GPU workspace (cache.budget.workspace_bytes)
+    memory_min_gpu: int = 0
     # fixed-size per-sequence state that does not grow with the context (hybrid families' recurrent
     # conv + delta-rule state; 0 for pure attention); counted in memory_all_resident
     state_bytes: int = 0
@@ -83,8 +88,10 @@ def _shared_experts(config: dict) -> int:
     return 1 if config.get("shared_expert_intermediate_size") else 0
 
 
-def summarize(ref: str | Path, run_dtype: str = "bfloat16") -> ModelSummary:
-    resolve_dtype(run_dtype)  # a bad --dtype is refused before anything is read
+def summarize(ref: str | Path, run_dtype: str | None = None) -> ModelSummary:
+    """run_dtype None: the dtype a run on this machine uses by default (bf16 with CUDA, float32 on a
+    CPU), so the minimum --ram printed is the one a default run accepts."""
+    run_dtype = dtype_name(resolve_dtype(run_dtype, resolve_device(None)))  # a bad --dtype is refused first
     root = resolve_model_dir(ref)
     if is_pack(root):
         return summarize_pack(root, run_dtype)
@@ -173,8 +180,8 @@ def _summary(model, root: Path, config: dict, run_dtype: str, expert_run_bytes: 
     one routed expert in every MoE layer as the runtime holds it; `stored`: how the files hold it;
     `source` (the checkpoint or pack): the stored dtypes, which decide what the dense weights cost."""
     a = model.args
-    dense = sum(p.numel() for n, p in model.named_parameters()
-                if not (a.tie_word_embeddings and n == "lm_head.weight"))
+    dense = sum(p.numel() for n, p in model.named_parameters()  # integer tables (hash routing) are no weights
+                if p.is_floating_point() and not (a.tie_word_embeddings and n == "lm_head.weight"))
     per_expert = _expert_params(a)
     n_moe = len(a.moe_layers)
     run = DTYPES[run_dtype]
@@ -186,6 +193,10 @@ def _summary(model, root: Path, config: dict, run_dtype: str, expert_run_bytes: 
     state = one - per_token
     ctx = int(a.max_position_embeddings)
     kv_total = per_token * ctx
+    kv_tokens = min(KV_CONTEXT_DEFAULT, ctx)  # what a budget reserves (cache.options.kv_context)
+    kv_budget = model.kv_cache_bytes(kv_tokens, run.torch)
+    slot = stored["bytes_per_expert"]
+    expanded = a.hidden_size * a.moe_intermediate_size * run.itemsize
     return ModelSummary(
         path=str(root), family=model.family, layers=a.num_hidden_layers, moe_layers=n_moe,
         experts_per_layer=a.num_experts, top_k=a.num_experts_per_tok, shared_experts=_shared_experts(a.raw or config),
@@ -194,8 +205,11 @@ def _summary(model, root: Path, config: dict, run_dtype: str, expert_run_bytes: 
         active_params=dense + n_moe * a.num_experts_per_tok * per_expert,
         dense_params=dense, expert_params=per_expert, run_dtype=run_dtype, kv_bytes_per_token=per_token,
         memory_all_resident=resident + a.num_experts * expert_run_bytes + kv_total + state, state_bytes=state,
-        memory_min_offload=min_budget(slot_bytes=stored["bytes_per_expert"], top_k=a.num_experts_per_tok,
-                                      resident_bytes=resident),
+        memory_min_offload=min_budget(slot_bytes=slot, top_k=a.num_experts_per_tok, resident_bytes=resident,
+                                      kv_bytes=kv_budget),
+        kv_tokens=kv_tokens,
+        memory_min_gpu=min_budget(slot_bytes=slot, top_k=a.num_experts_per_tok, resident_bytes=resident,
+                                  kv_bytes=kv_budget, expanded_bytes=expanded, cuda=True),
         **stored,
     )
 
