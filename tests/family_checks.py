@@ -48,4 +48,4 @@ def inspect_config_only(tmp: Path, config: dict) -> dict:
     published sizes): the model is built on the meta device, no weight exists or is allocated."""
     (tmp / "config.json").write_text(json.dumps(config))
     assert "sizes from config.json" in cli("inspect", tmp)
-    return json.loads(cli("inspect", tmp, "--json"))
+    return json.loads(cli("inspect", tmp, "--json", "--dtype", "bfloat16"))  # the published sizes are bf16

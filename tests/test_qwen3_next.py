@@ -233,7 +233,7 @@ def _inspect_config(tmp_path, config: dict) -> dict:
     (tmp_path / "config.json").write_text(json.dumps(config))
     table = cli("inspect", tmp_path)
     assert "sizes from config.json" in table
-    return json.loads(cli("inspect", tmp_path, "--json"))
+    return json.loads(cli("inspect", tmp_path, "--json", "--dtype", "bfloat16"))
 
 
 def test_inspect_qwen3_next_80b_a3b_real_size(tmp_path):

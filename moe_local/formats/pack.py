@@ -166,10 +166,11 @@ class PackedExpertLayout:
                     scheme = get_scheme(p.scheme, **p.params)  # an unknown scheme or parameter fails at open
                 except MoeLocalError as exc:
                     raise CheckpointError(f"expert layout of {proj}: {exc}", where) from None
-                want = set(scheme.tensor_specs(p.shape))
-                if {t.name for t in p.tensors} != want:
-                    raise CheckpointError(f"expert layout of {proj} lists tensors {sorted(t.name for t in p.tensors)}; "
-                                          f"scheme {p.scheme!r} stores {sorted(want)}", where)
+                want = set(scheme.tensor_specs(p.shape))  # the layout may add more (gpt-oss's expert biases)
+                missing = sorted(want - {t.name for t in p.tensors})
+                if missing:
+                    raise CheckpointError(f"expert layout of {proj} lacks tensors {missing} that scheme "
+                                          f"{p.scheme!r} stores", where)
                 if len(p.shape) != 2 or not all(isinstance(n, int) and n > 0 for n in p.shape):
                     raise CheckpointError(f"expert layout of {proj} has shape {list(p.shape)}; expected [out, in]", where)
                 if any(not isinstance(n, int) or n < 0 for t in p.tensors for n in t.shape):

@@ -88,9 +88,10 @@ def _shared_experts(config: dict) -> int:
     return 1 if config.get("shared_expert_intermediate_size") else 0
 
 
-def summarize(ref: str | Path, run_dtype: str | None = None) -> ModelSummary:
+def summarize(ref: str | Path, run_dtype: str | None = "bfloat16") -> ModelSummary:
     """run_dtype None: the dtype a run on this machine uses by default (bf16 with CUDA, float32 on a
-    CPU), so the minimum --ram printed is the one a default run accepts."""
+    CPU), what `inspect` without --dtype shows, so the minimum --ram printed is the one a default
+    run accepts."""
     run_dtype = dtype_name(resolve_dtype(run_dtype, resolve_device(None)))  # a bad --dtype is refused first
     root = resolve_model_dir(ref)
     if is_pack(root):
