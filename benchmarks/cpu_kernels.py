@@ -11,7 +11,8 @@ For each shape, batch and thread count, the median (and min..max) time of
   c-<isa>       our C kernels (moe_local.formats._cpu) on every ISA path the CPU has
 with GB/s = packed bytes read / time (the roofline at batch 1 is the memory bandwidth).
 Timings on a shared machine are noisy: the runs of a case alternate between candidates and the
-spread is printed. Prints a table and writes JSON (default benchmarks/results/cpu_kernels.json).
+spread is printed; `--clock thread` times the calling thread's CPU time instead of the wall
+clock (meaningful with 1 thread on a machine other processes load). Prints a table and writes JSON (default benchmarks/results/cpu_kernels.json).
 """
 
 from __future__ import annotations
@@ -33,13 +34,16 @@ from moe_local.formats.schemes import PackedWeight, get_scheme
 SCHEMES = [("int4", {"group_size": 64}), ("int8", {}), ("bf16", {})]
 
 
-def timed(fn, reps: int) -> list[float]:
+CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
+
+
+def timed(fn, reps: int, clock=time.perf_counter) -> list[float]:
     fn()
     out = []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        out.append(time.perf_counter() - t0)
+        out.append(clock() - t0)
     return out
 
 
@@ -82,6 +86,8 @@ def main() -> None:
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 16, 64, 512])
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                    help="thread: CPU time of the calling thread (1 thread only; robust to a loaded machine)")
     ap.add_argument("--json", type=Path, default=Path(__file__).resolve().parent / "results" / "cpu_kernels.json")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -102,7 +108,7 @@ def main() -> None:
                     times: dict[str, list[float]] = {k: [] for k in cands}
                     for _ in range(args.reps):  # alternate candidates rep by rep
                         for k, fn in cands.items():
-                            times[k] += timed(fn, 1)
+                            times[k] += timed(fn, 1, CLOCKS[args.clock])
                     for k, ts in times.items():
                         med = statistics.median(ts)
                         rows.append({"shape": shape_s, "scheme": name, "batch": T, "threads": th, "candidate": k,
@@ -111,7 +117,7 @@ def main() -> None:
                         r = rows[-1]
                         print(f"{shape_s:>11} {name:>5} T={T:<4} t={th} {k:>12}: {r['median_ms']:9.3f} ms "
                               f"[{r['min_ms']:.3f}..{r['max_ms']:.3f}]  {r['gb_s']:6.2f} GB/s", flush=True)
-    meta = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+    meta = {"clock": args.clock, "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
             "torch": torch.__version__, "load_avg": os.getloadavg(), "isas": kernels_cpu.isas()}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.json.with_suffix(".tmp")

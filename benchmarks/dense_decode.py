@@ -10,7 +10,9 @@ views of the pack's memory map); only the non-expert ("dense") weights change:
 
 Columns: resident bytes of the dense weights as held (cache.budget.module_bytes), the dense bytes
 one token reads (every matrix but the embedding table, of which one row is read), decode tok/s as
-the median over rounds with min..max, and whether the greedy tokens equal the fp32 row's.
+the median over rounds with min..max, the fastest and the median single decode step (on a shared
+machine the fastest step is the one that had the cores), and whether the greedy tokens equal the
+fp32 row's.
 Rounds alternate the order of the rows (A B C D, D C B A, ...) so that load on a shared machine
 spreads over all of them. `--threads 1,2` adds a row per thread count (runtime.threads.apply_threads:
 torch's pool and the C kernel pool where there is one). OpenMP waits passively, as in the CLI; run
@@ -74,20 +76,22 @@ def dense_read_bytes(model: torch.nn.Module) -> int:
     return module_bytes(model) - (0 if tied else emb_bytes)
 
 
-def decode(lm, tokens: int) -> tuple[float, list[int]]:
-    """Greedy decode of `tokens` tokens after the fixed prompt; returns (tok/s, tokens)."""
+def decode(lm, tokens: int) -> tuple[float, list[float], list[int]]:
+    """Greedy decode of `tokens` tokens after the fixed prompt; returns (tok/s, seconds per step, tokens)."""
     model = lm.model
     ids = torch.tensor(PROMPT)
     model.setup_cache(len(PROMPT) + tokens + 1)
     logits = model(ids, 0, last_only=True)
-    out, pos = [], len(PROMPT)
+    out, steps, pos = [], [], len(PROMPT)
     t0 = time.perf_counter()
     for _ in range(tokens):
         tok = int(logits[-1].argmax())
         out.append(tok)
+        t = time.perf_counter()
         logits = model(torch.tensor([tok]), pos)
+        steps.append(time.perf_counter() - t)
         pos += 1
-    return tokens / (time.perf_counter() - t0), out
+    return tokens / (time.perf_counter() - t0), steps, out
 
 
 def run_row(pack: Path, row: str, threads: int, tokens: int) -> dict:
@@ -96,9 +100,9 @@ def run_row(pack: Path, row: str, threads: int, tokens: int) -> dict:
     if row == "fp32":
         upcast_dense(lm.model)
     load_s = time.perf_counter() - t0
-    tps, out = decode(lm, tokens)
+    tps, steps, out = decode(lm, tokens)
     res = {"resident_bytes": module_bytes(lm.model), "read_bytes": dense_read_bytes(lm.model), "tps": tps,
-           "tokens": out, "load_s": load_s}
+           "steps_s": steps, "tokens": out, "load_s": load_s}
     del lm
     return res
 
@@ -134,17 +138,20 @@ def main(argv: list[str] | None = None) -> int:
     table = []
     for (r, t), runs in results.items():
         tps = [x["tps"] for x in runs]
+        steps = sorted(s for x in runs for s in x["steps_s"])
         table.append({"row": r, "threads": t, "resident_bytes": runs[0]["resident_bytes"],
                       "read_bytes_per_token": runs[0]["read_bytes"], "tps_median": statistics.median(tps),
                       "tps_min": min(tps), "tps_max": max(tps), "tps_all": tps,
+                      "step_ms_best": 1e3 * steps[0], "step_ms_p50": 1e3 * statistics.median(steps),
                       "same_tokens_as_fp32": None if ref is None else runs[0]["tokens"] == ref["tokens"]})
     print(f"\n{args.model} (experts {args.experts}), {args.tokens} decode tokens x {args.rounds} rounds\n")
-    print(f"| dense | torch threads | resident dense | dense read/token | decode tok/s (median, min..max) | tokens = fp32 |")
-    print("|---|---:|---:|---:|---:|---|")
+    print("| dense | threads | resident dense | dense read/token | decode tok/s (median, min..max) "
+          "| step ms (best, p50) | tokens = fp32 |")
+    print("|---|---:|---:|---:|---:|---:|---|")
     for row in table:
         print(f"| {row['row']} | {row['threads']} | {format_bytes(row['resident_bytes'])} | "
               f"{format_bytes(row['read_bytes_per_token'])} | {row['tps_median']:.2f} ({row['tps_min']:.2f}..{row['tps_max']:.2f}) | "
-              f"{row['same_tokens_as_fp32']} |")
+              f"{row['step_ms_best']:.0f}, {row['step_ms_p50']:.0f} | {row['same_tokens_as_fp32']} |")
     if args.json is not None:
         payload = {"model": str(args.model), "experts": args.experts, "tokens": args.tokens, "rounds": args.rounds,
                    "torch_version": torch.__version__, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),

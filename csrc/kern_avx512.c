@@ -38,15 +38,63 @@ static inline __m512 load_scales16(const WDesc *w, int64_t r, int64_t gc, __mmas
         acc = _mm512_fmadd_ps(_mm512_set1_ps(ss[gi - gc]), _mm512_add_ps(d0, d1), acc);         \
     } while (0)
 
+/* One group of G codes of two rows at once (x loaded once for both); per row the same operations
+ * as NIB_GROUP, so a row's result does not depend on whether it was paired. */
+#define NIB_GROUP2(G, NF)                                                                      \
+    do {                                                                                       \
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();                             \
+        __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();                             \
+        for (int64_t k = 0; k < (G); k += 32) {                                                \
+            const __m512 x0 = _mm512_loadu_ps(xg + k), x1 = _mm512_loadu_ps(xg + k + 16);      \
+            __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + k / 2)));   \
+            __m512i u = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(pb + k / 2)));  \
+            __m512i vl = _mm512_and_si512(v, m4), vh = _mm512_srli_epi32(v, 4);                \
+            __m512i ul = _mm512_and_si512(u, m4), uh = _mm512_srli_epi32(u, 4);                \
+            a0 = _mm512_fmadd_ps((NF) ? _mm512_permutexvar_ps(vl, lut) : _mm512_cvtepi32_ps(vl), x0, a0); \
+            a1 = _mm512_fmadd_ps((NF) ? _mm512_permutexvar_ps(vh, lut) : _mm512_cvtepi32_ps(vh), x1, a1); \
+            b0 = _mm512_fmadd_ps((NF) ? _mm512_permutexvar_ps(ul, lut) : _mm512_cvtepi32_ps(ul), x0, b0); \
+            b1 = _mm512_fmadd_ps((NF) ? _mm512_permutexvar_ps(uh, lut) : _mm512_cvtepi32_ps(uh), x1, b1); \
+        }                                                                                      \
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(ss[gi - gc]), _mm512_add_ps(a0, a1), acc);         \
+        accb = _mm512_fmadd_ps(_mm512_set1_ps(ssb[gi - gc]), _mm512_add_ps(b0, b1), accb);      \
+    } while (0)
+
 /* int4 / nf4 rows, batch 1, group size a multiple of 32 (G: the group size when known at compile
- * time, 0 for any multiple of 32). */
+ * time, 0 for any multiple of 32); rows in pairs, an odd last row alone. */
 #define NIB_KERNEL(NAME, G, NF)                                                                        \
 static void NAME(const WDesc *w, const XPrep *xp, int64_t r0, int64_t r1, float *y) {                  \
     const __m512i m4 = _mm512_set1_epi32(15);                                                          \
     const __m512 lut = _mm512_loadu_ps(NF4_LUT);                                                       \
     const int64_t g = (G) ? (G) : w->g, ng = w->ng;                                                    \
-    float ss[16];                                                                                      \
-    for (int64_t r = r0; r < r1; r++) {                                                                \
+    float ss[16], ssb[16];                                                                             \
+    int64_t r = r0;                                                                                    \
+    for (; r + 2 <= r1; r += 2) {                                                                      \
+        const uint8_t *row = w->codes + r * w->stride, *rowb = row + w->stride;                        \
+        __m512 acc = _mm512_setzero_ps(), zacc = _mm512_setzero_ps();                                  \
+        __m512 accb = _mm512_setzero_ps(), zaccb = _mm512_setzero_ps();                                \
+        for (int64_t gc = 0; gc < ng; gc += 16) {                                                      \
+            const int64_t n = ng - gc < 16 ? ng - gc : 16;                                             \
+            const __mmask16 m = (__mmask16)((1u << n) - 1);                                            \
+            const __m512 s = load_scales16(w, r, gc, m), sb = load_scales16(w, r + 1, gc, m);          \
+            if (!(NF)) {                                                                               \
+                const __m512 xs = _mm512_maskz_loadu_ps(m, xp->xs + gc);                               \
+                __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, w->zeros + r * ng + gc))); \
+                __m512 zb = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, w->zeros + (r + 1) * ng + gc))); \
+                zacc = _mm512_fmadd_ps(_mm512_mul_ps(s, z), xs, zacc);                                 \
+                zaccb = _mm512_fmadd_ps(_mm512_mul_ps(sb, zb), xs, zaccb);                             \
+            }                                                                                          \
+            _mm512_storeu_ps(ss, s);                                                                   \
+            _mm512_storeu_ps(ssb, sb);                                                                 \
+            for (int64_t gi = gc; gi < gc + n; gi++) {                                                 \
+                const uint8_t *p = row + gi * g / 2, *pb = rowb + gi * g / 2;                          \
+                const float *xg = xp->x + gi * g;                                                      \
+                NIB_GROUP2(g, NF);                                                                     \
+            }                                                                                          \
+        }                                                                                              \
+        y[r] = _mm512_reduce_add_ps(acc) - _mm512_reduce_add_ps(zacc);                                 \
+        y[r + 1] = _mm512_reduce_add_ps(accb) - _mm512_reduce_add_ps(zaccb);                           \
+    }                                                                                                  \
+    for (; r < r1; r++) {                                                                              \
         const uint8_t *row = w->codes + r * w->stride;                                                 \
         __m512 acc = _mm512_setzero_ps(), zacc = _mm512_setzero_ps();                                  \
         for (int64_t gc = 0; gc < ng; gc += 16) {                                                      \
@@ -54,8 +102,9 @@ static void NAME(const WDesc *w, const XPrep *xp, int64_t r0, int64_t r1, float 
             const __mmask16 m = (__mmask16)((1u << n) - 1);                                            \
             const __m512 s = load_scales16(w, r, gc, m);                                               \
             if (!(NF)) {                                                                               \
+                const __m512 xs = _mm512_maskz_loadu_ps(m, xp->xs + gc);                               \
                 __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, w->zeros + r * ng + gc))); \
-                zacc = _mm512_fmadd_ps(_mm512_mul_ps(s, z), _mm512_maskz_loadu_ps(m, xp->xs + gc), zacc); \
+                zacc = _mm512_fmadd_ps(_mm512_mul_ps(s, z), xs, zacc);                                 \
             }                                                                                          \
             _mm512_storeu_ps(ss, s);                                                                   \
             for (int64_t gi = gc; gi < gc + n; gi++) {                                                 \

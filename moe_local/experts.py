@@ -77,6 +77,17 @@ class ClampedSwiGLU:
         return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
 
 
+@dataclass(frozen=True)
+class LimitedSwiGLU(ClampedSwiGLU):
+    """DeepSeek-V4's expert activation: silu(min(gate, limit)) * clamp(up, -limit, limit) (gpt-oss's
+    clamps without its alpha and its + 1; transformers' DeepseekV4Experts._apply_gate)."""
+
+    name: str = "limited_swiglu"
+
+    def combine(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return F.silu(gate.clamp(max=self.limit)) * up.clamp(min=-self.limit, max=self.limit)
+
+
 Activation = Union[Callable[[torch.Tensor], torch.Tensor], ClampedSwiGLU]
 
 

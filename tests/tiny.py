@@ -297,6 +297,25 @@ def kimi_k2_config(**kw):
     return cfg
 
 
+def v4_config(**kw):
+    """DeepSeek-V4 in miniature: layers sliding / CSA / HCA / CSA (compress rates 4 and 8, so a 16-token
+    prompt already has compressed entries), a window of 8, index_topk 2 (the indexer drops entries),
+    two hash-routed layers, 2 hyper-connection streams."""
+    from transformers import DeepseekV4Config
+
+    base = dict(vocab_size=VOCAB, hidden_size=64, moe_intermediate_size=32, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=1, head_dim=32, q_lora_rank=48, qk_rope_head_dim=8, n_routed_experts=8,
+                num_experts_per_tok=2, n_shared_experts=1, sliding_window=8, o_groups=2, o_lora_rank=16,
+                index_n_heads=4, index_head_dim=16, index_topk=2,
+                compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 8},
+                layer_types=["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention",
+                             "compressed_sparse_attention"],
+                mlp_layer_types=["hash_moe", "hash_moe", "moe", "moe"], hc_mult=2, hc_sinkhorn_iters=5,
+                max_position_embeddings=256)
+    base.update(kw)
+    return DeepseekV4Config(**base)
+
+
 # model_type -> a tiny config of that family (tests/test_families.py checks every family has one)
 TINY_CONFIGS = {
     "mixtral": mixtral_config,
@@ -315,6 +334,7 @@ TINY_CONFIGS = {
     "minimax_m2": minimax_m2_config,
     "deepseek": deepseek_moe_config,  # DeepSeekMoE 16B
     "gpt_oss": gpt_oss_config,
+    "deepseek_v4": v4_config,
 }
 
 

@@ -686,6 +686,7 @@ class TieredExperts:
             for e in ranked:
                 k = (target, e)
                 if k in tier.table or (tier is self.host and self.gpu is not None and k in self.gpu.table):
+                    protect.add(k)  # famB2: a predicted expert already here must not make room for the next one
                     continue
                 if self._acquire(tier, k, hard=protect, block=False) is None:
                     break

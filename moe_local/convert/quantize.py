@@ -184,7 +184,11 @@ def make_plan(src: Path, recipe: Recipe, shard_bytes: int = SHARD_BYTES) -> Plan
         name, shape = ref.name, ref.shape
         item = DenseItem(name, shape, _source_nbytes(ckpt, name))
         st = _st_dtype(ckpt, name)
-        if len(shape) != 2:
+        if st in BY_SAFETENSORS and not BY_SAFETENSORS[st].torch.is_floating_point:
+            item.out_dtype = BY_SAFETENSORS[st].torch  # integer tables (DeepSeek-V4's tid2eid) as they are
+        elif ref.fp32:
+            item.out_dtype = torch.float32  # keep_fp32 parameters (V4's hyper-connection maps) stay exact
+        elif len(shape) != 2:
             item.out_dtype = _float_dtype(st)  # norms, biases, router bias: never rounded
         elif dense_scheme is not None and not _is_router(name, shape, a.num_experts):
             item.scheme = dense_scheme

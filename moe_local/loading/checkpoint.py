@@ -11,6 +11,11 @@ how the file stores the tensor, not a tensor of its own: the companion is not li
 and the weight is dequantized on the way out, so model code and the family's `CheckpointMap` only
 ever see real numbers under the weight's own name. The same holds for compressed-tensors packed
 integer weights (`<name>_packed` / `_scale` / `_shape`, Kimi-K2.5's INT4 experts: `compressed.py`).
+
+DeepSeek-V4's hub checkpoints name the companion of `<base>.weight` `<base>.scale` (power-of-two
+ue8m0 scales): FP8 e4m3 linears with one scale per 128x128 block as above, and routed experts in
+FP4 (e2m1 codes, two per int8 byte, low nibble first, one scale per 32 inputs), which `shape` reports
+and `get` returns at their real width.
 """
 
 from __future__ import annotations
@@ -29,6 +34,10 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 FP8_BLOCK = 128
 FP8_SCALE_SUFFIX = "_scale_inv"
+V4_SCALE_SUFFIX = ".scale"  # DeepSeek-V4: "<base>.scale" scales "<base>.weight"
+FP4_GROUP = 32
+# e2m1 code -> value (sign bit 3, then two exponent bits and one mantissa bit)
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
 
 def read_json(path: Path) -> dict:
@@ -65,6 +74,10 @@ class Checkpoint:
         # tensor -> its FP8 block-scale companion; companions are part of their tensor, not names
         self._scales: dict[str, str] = {n[: -len(FP8_SCALE_SUFFIX)]: n for n in self._file_of
                                         if n.endswith(FP8_SCALE_SUFFIX) and n[: -len(FP8_SCALE_SUFFIX)] in self._file_of}
+        for n in self._file_of:
+            weight = n[: -len(V4_SCALE_SUFFIX)] + ".weight"
+            if n.endswith(V4_SCALE_SUFFIX) and weight in self._file_of:
+                self._scales[weight] = n
         # compressed-tensors packed integer weights (Kimi-K2.5's INT4 experts): <p>.weight -> <p>.
         self._packed = compressed.packed_weights(self._file_of)
         hidden = set(self._scales.values()) | {c for p in self._packed.values() for c in compressed.companions(p)}
@@ -126,10 +139,15 @@ class Checkpoint:
         return self._file_of[name]
 
     def shape(self, name: str) -> tuple[int, ...]:
-        """Shape without reading the data (of a packed weight: its 2-element weight_shape)."""
+        """Shape without reading the data (of a packed weight: its 2-element weight_shape; of an FP4
+        tensor: its real width, two codes per byte)."""
         if name in self._packed:
             return tuple(int(v) for v in self._read(self._packed[name] + compressed.SHAPE).tolist())
-        return tuple(self._open(self.file_of(name)).get_slice(name).get_shape())
+        sl = self._open(self.file_of(name)).get_slice(name)
+        shape = tuple(sl.get_shape())
+        if name in self._scales and sl.get_dtype() in ("I8", "U8"):
+            shape = shape[:-1] + (2 * shape[-1],)
+        return shape
 
     def dtype(self, name: str) -> str:
         """The stored safetensors dtype string ("BF16", "F8_E4M3", ...), read from the header only."""
@@ -159,6 +177,8 @@ class Checkpoint:
         scale_name = self._scales.get(name)
         if scale_name is not None and tensor.dtype == getattr(torch, "float8_e4m3fn", None):
             tensor = dequantize_fp8_blocks(tensor, self._read(scale_name))
+        elif scale_name is not None and tensor.dtype in (torch.int8, torch.uint8):
+            tensor = dequantize_fp4(tensor, self._read(scale_name))
         if shape is not None:
             check_shape(name, tuple(tensor.shape), shape, path)
         return tensor
@@ -195,6 +215,15 @@ def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block: 
     rows, cols = weight.shape
     scale = scale_inv.float().repeat_interleave(block, 0).repeat_interleave(block, 1)[:rows, :cols]
     return weight.float() * scale
+
+
+def dequantize_fp4(packed: torch.Tensor, scale: torch.Tensor, group: int = FP4_GROUP) -> torch.Tensor:
+    """DeepSeek-V4 FP4 experts: byte b of row i holds codes for columns 2b (low nibble) and 2b+1;
+    value = FP4_VALUES[code] * scale[i, column // group], returned as float32 [rows, 2 * bytes]."""
+    u8 = packed.view(torch.uint8)
+    lut = torch.tensor(FP4_VALUES, dtype=torch.float32)
+    values = torch.stack([lut[(u8 & 0xF).long()], lut[(u8 >> 4).long()]], dim=-1).flatten(-2)
+    return values * scale.float().repeat_interleave(group, dim=-1)[..., : values.shape[-1]]
 
 
 def open_checkpoint(ref: str | Path, revision: str | None = None) -> Checkpoint:

@@ -22,6 +22,10 @@ family's map is the defaults. What a map states:
 - `keep_fp32`: parameters (by last name component, or by a dotted suffix) loaded in float32 whatever
   the run dtype, because rounding them would change which experts (DeepSeek-V3's
   `e_score_correction_bias`) or which keys (DeepSeek-V3.2's `indexer.weights_proj.weight`) win.
+- `layouts`: for a family whose checkpoints come named in more than one way (DeepSeek-V4: the hub's
+  original names and the ones transformers saves), the alternative `renames`, one per layout;
+  `for_checkpoint` picks the first whose name for the embeddings the checkpoint holds. With
+  layouts, `experts` is given in our naming and each layout's renames apply to it as well.
 - `ignored`: regular expressions of checkpoint tensors deliberately never read (rotary buffers of
   old checkpoints), and `ignore_extra_layers` for checkpoints that store layers past
   `num_hidden_layers` (DeepSeek-V3's multi-token-prediction module).
@@ -33,7 +37,8 @@ tensor, not what the tensor is called, so `Checkpoint` folds them into the tenso
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Callable
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
@@ -53,6 +58,17 @@ class CheckpointMap:
     keep_fp32: tuple[str, ...] = ()
     ignored: tuple[str, ...] = (r".*\.rotary_emb\.",)
     ignore_extra_layers: bool = False
+    layouts: tuple[tuple[tuple[str, str], ...], ...] = ()
+
+    def for_checkpoint(self, has: Callable[[str], bool]) -> "CheckpointMap":
+        """The map of the layout a checkpoint uses (`has(name)`: does it hold that tensor); itself
+        for a family with one layout. Undecidable (no embeddings): the first layout, whose names
+        then appear in the missing-tensor error."""
+        if not self.layouts:
+            return self
+        maps = [replace(self, renames=renames, layouts=()) for renames in self.layouts]
+        maps = [replace(m, experts=m.checkpoint_name(self.experts)) for m in maps]
+        return next((m for m in maps if has(m.checkpoint_name("model.embed_tokens.weight"))), maps[0])
 
     def checkpoint_name(self, param: str) -> str:
         """The checkpoint tensor holding our parameter `param`."""

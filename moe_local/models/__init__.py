@@ -33,6 +33,7 @@ FAMILIES: dict[str, str] = {
     "minimax_m2": "moe_local.models.minimax_m2:MiniMaxM2",
     "deepseek": "moe_local.models.deepseek_moe:DeepseekMoe",  # DeepSeekMoE 16B (hub remote code)
     "gpt_oss": "moe_local.models.gpt_oss:GptOss",
+    "deepseek_v4": "moe_local.models.deepseek_v4:DeepseekV4",
 }
 
 

@@ -19,6 +19,11 @@ token to a listener (`listen`), predicted from the same way:
   trick with the input norm's weight. It is the more accurate of the two (the dense MLP moves the
   residual stream a lot), the dense one the earlier (more time to load), so both are used.
 
+A router marked `exact` (DeepSeek-V4's hash routing: experts from the token id by a frozen table)
+picks the same experts whatever hidden state it sees, so its prediction is certain and gets no
+spares. Its layer's attention input is a source too: there the layer before has released its
+experts, so the cache has room to load this layer's even at the smallest budget (one layer's top-k).
+
 `CausalLM.lookahead(depth, extra)` builds one; the expert cache uses it only through
 `experts.ExpertPredictor`, never by looking inside the model.
 """
@@ -66,10 +71,12 @@ class RouterLookahead:
 
     def sources(self) -> list[tuple[int, str]]:
         """The (layer, site) points before the first MoE layer's routing that `listen` reports, in
-        execution order: dense layers' MLP inputs and the first MoE layer's attention input."""
+        execution order: dense layers' MLP inputs and the first MoE layer's attention input (and
+        the attention input of every layer whose router is `exact`)."""
         if self.depth <= 0 or not self.moe_layers:
             return []
         out = [(l, "mlp") for l in self.dense_sources] + [(self.moe_layers[0], "attn")]
+        out += [(l, "attn") for l in self.moe_layers[1:] if getattr(self.routers[l], "exact", False)]
         return sorted(out, key=lambda s: (s[0], SITES.index(s[1])))
 
     def listen(self, callback: Callable[[int, torch.Tensor, str], None]) -> Callable[[], None]:
@@ -113,7 +120,7 @@ class RouterLookahead:
                     if e not in seen:
                         seen.add(e)
                         ranked.append(e)
-            if self.extra > 0:
+            if self.extra > 0 and not getattr(router, "exact", False):
                 scores = router.selection_scores(xt)
                 k = min(ids.shape[-1] + self.extra, scores.shape[-1])
                 spare = [e for e in torch.topk(scores, k, dim=-1).indices.t().reshape(-1).tolist() if e not in seen]

@@ -51,7 +51,7 @@ def weight_refs(model: CausalLM, ckpt: TensorSource) -> list[WeightRef]:
 
     A tensor the model needs and the checkpoint lacks, or one whose shape config.json contradicts, is
     a CheckpointError naming the file. A tied LM head reads the embeddings instead (no ref)."""
-    cmap = model.checkpoint_map
+    cmap = model.checkpoint_map.for_checkpoint(ckpt.__contains__)
     refs: list[WeightRef] = []
     for param, p in model.named_parameters():
         name = cmap.checkpoint_name(param)
@@ -67,7 +67,7 @@ def weight_refs(model: CausalLM, ckpt: TensorSource) -> list[WeightRef]:
 def checkpoint_experts(model: CausalLM, ckpt) -> CheckpointExperts:
     """The routed experts of a Hugging Face checkpoint, where the family's map says they are."""
     a = model.args
-    return CheckpointExperts(ckpt, model.checkpoint_map, a.moe_layers, a.num_experts, a.hidden_size,
+    return CheckpointExperts(ckpt, model.checkpoint_map.for_checkpoint(ckpt.__contains__), a.moe_layers, a.num_experts, a.hidden_size,
                              a.moe_intermediate_size, packed=_packed_projection)
 
 
@@ -101,6 +101,8 @@ def held_dtype(ndim: int, stored: torch.dtype, dtype: torch.dtype, fp32: bool = 
     not a 4-byte copy read on every token; `formats.compute.linear` takes it as it is. Everything
     else (norms, biases, conv kernels: small, used elementwise) is cast to the run dtype, and the
     family's `keep_fp32` tensors are float32."""
+    if not stored.is_floating_point:
+        return stored  # integer tables (DeepSeek-V4's hash routing table) are indices, never cast
     if fp32:
         return torch.float32
     narrower = torch.empty((), dtype=stored).element_size() < torch.empty((), dtype=dtype).element_size()

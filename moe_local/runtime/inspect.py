@@ -180,8 +180,8 @@ def _summary(model, root: Path, config: dict, run_dtype: str, expert_run_bytes: 
     one routed expert in every MoE layer as the runtime holds it; `stored`: how the files hold it;
     `source` (the checkpoint or pack): the stored dtypes, which decide what the dense weights cost."""
     a = model.args
-    dense = sum(p.numel() for n, p in model.named_parameters()
-                if not (a.tie_word_embeddings and n == "lm_head.weight"))
+    dense = sum(p.numel() for n, p in model.named_parameters()  # integer tables (hash routing) are no weights
+                if p.is_floating_point() and not (a.tie_word_embeddings and n == "lm_head.weight"))
     per_expert = _expert_params(a)
     n_moe = len(a.moe_layers)
     run = DTYPES[run_dtype]
