@@ -77,7 +77,6 @@ static void prep_x(const IsaKernels *isa, const WDesc *w, int T, const float *sr
                    float *buf, XPrep *xp) {
     const int64_t len = xlen(w), cols = w->cols, g = w->g;
     const int nib = w->kind == K_INT4 || w->kind == K_NF4;
-    float *xs = buf + T * len;
     for (int t = 0; t < T; t++) {
         const float *x = src + (idx ? idx[t] : t) * ld;
         float *d = buf + t * len;
@@ -97,19 +96,11 @@ static void prep_x(const IsaKernels *isa, const WDesc *w, int T, const float *sr
                 for (; k < g; k++) d[base + k] = base + k < cols ? x[base + k] : 0.0f;
             }
         }
-        if (w->kind == K_INT4)
-            for (int64_t gi = 0; gi < w->ng; gi++) {
-                float s = 0.0f;
-                const int64_t i1 = (gi + 1) * g < cols ? (gi + 1) * g : cols;
-                for (int64_t i = gi * g; i < i1; i++) s += x[i];
-                xs[t * w->ng + gi] = s;
-            }
     }
     xp->T = T;
     xp->len = len;
     xp->ng = w->ng;
     xp->x = buf;
-    xp->xs = w->kind == K_INT4 ? xs : NULL;
 }
 
 /* ------------------------------------------------------------------ linear / dequant */

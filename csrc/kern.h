@@ -2,7 +2,7 @@
  *
  * A weight is described by a WDesc (filled from the int64 descriptor Python builds once per weight),
  * an activation batch by an XPrep (x in float32, prepared once per call: zero-padded to whole groups,
- * nibble blocks permuted, per-group sums for zero points). Every ISA file provides the same two
+ * nibble blocks permuted). Every ISA file provides the same two
  * entry points over a row range; rows are independent, so any split of rows across threads gives
  * bitwise identical results.
  */
@@ -33,7 +33,6 @@ typedef struct {
     int64_t len;            /* floats per token: ng * g (float kinds: cols) */
     int64_t ng;
     const float *x;         /* [T][len]; nibble kinds: each full 32-block of a group permuted (evens, odds) */
-    const float *xs;        /* [T][ng] group sums of x (int4 zero points), else NULL */
 } XPrep;
 
 typedef void (*rows_fn)(const WDesc *w, const XPrep *x, int64_t r0, int64_t r1, float *y, int64_t ldy);

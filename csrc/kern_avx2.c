@@ -19,28 +19,29 @@ static void rows1_int4(const WDesc *w, const XPrep *xp, int64_t r0, int64_t r1, 
     for (int64_t r = r0; r < r1; r++) {
         const uint8_t *row = w->codes + r * w->stride;
         __m256 acc = _mm256_setzero_ps();
-        float sacc = 0.0f, zacc = 0.0f;
+        float sacc = 0.0f;
         for (int64_t gi = 0; gi < w->ng; gi++) {
             const uint8_t *p = row + gi * g / 2;
+            const int zi = w->zeros[r * w->ng + gi];
+            const __m256i zv = _mm256_set1_epi32(zi);
             const float *xg = xp->x + gi * g;
             __m256 d0 = _mm256_setzero_ps(), d1 = _mm256_setzero_ps();
             int64_t k = 0;
             for (; k < full; k += 32) {
                 __m256i a = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + k / 2)));
                 __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + k / 2 + 8)));
-                d0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(a, m4)), _mm256_loadu_ps(xg + k), d0);
-                d1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b, m4)), _mm256_loadu_ps(xg + k + 8), d1);
-                d0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(a, 4)), _mm256_loadu_ps(xg + k + 16), d0);
-                d1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)), _mm256_loadu_ps(xg + k + 24), d1);
+                d0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(a, m4), zv)), _mm256_loadu_ps(xg + k), d0);
+                d1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(b, m4), zv)), _mm256_loadu_ps(xg + k + 8), d1);
+                d0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(a, 4), zv)), _mm256_loadu_ps(xg + k + 16), d0);
+                d1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(b, 4), zv)), _mm256_loadu_ps(xg + k + 24), d1);
             }
             float dt = 0.0f;
-            for (; k < g; k += 2) dt += (float)(p[k / 2] & 15) * xg[k] + (float)(p[k / 2] >> 4) * xg[k + 1];
+            for (; k < g; k += 2) dt += (float)((p[k / 2] & 15) - zi) * xg[k] + (float)((p[k / 2] >> 4) - zi) * xg[k + 1];
             const float s = load_scale(w, r, gi);
             acc = _mm256_fmadd_ps(_mm256_set1_ps(s), _mm256_add_ps(d0, d1), acc);
             sacc += s * dt;
-            zacc += s * (float)w->zeros[r * w->ng + gi] * xp->xs[gi];
         }
-        y[r] = hsum256(acc) + sacc - zacc;
+        y[r] = hsum256(acc) + sacc;
     }
 }
 

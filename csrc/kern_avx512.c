@@ -29,7 +29,8 @@ static inline __m512 load_scales16(const WDesc *w, int64_t r, int64_t gc, __mmas
         __m512 d0 = _mm512_setzero_ps(), d1 = _mm512_setzero_ps();                             \
         for (int64_t k = 0; k < (G); k += 32) {                                                \
             __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + k / 2)));   \
-            __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_srli_epi32(v, 4);                \
+            __m512i lo = _mm512_sub_epi32(_mm512_and_si512(v, m4), zv);                        \
+            __m512i hi = _mm512_sub_epi32(_mm512_srli_epi32(v, 4), zv);                        \
             __m512 flo = (NF) ? _mm512_permutexvar_ps(lo, lut) : _mm512_cvtepi32_ps(lo);       \
             __m512 fhi = (NF) ? _mm512_permutexvar_ps(hi, lut) : _mm512_cvtepi32_ps(hi);       \
             d0 = _mm512_fmadd_ps(flo, _mm512_loadu_ps(xg + k), d0);                            \
@@ -48,8 +49,10 @@ static inline __m512 load_scales16(const WDesc *w, int64_t r, int64_t gc, __mmas
             const __m512 x0 = _mm512_loadu_ps(xg + k), x1 = _mm512_loadu_ps(xg + k + 16);      \
             __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + k / 2)));   \
             __m512i u = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(pb + k / 2)));  \
-            __m512i vl = _mm512_and_si512(v, m4), vh = _mm512_srli_epi32(v, 4);                \
-            __m512i ul = _mm512_and_si512(u, m4), uh = _mm512_srli_epi32(u, 4);                \
+            __m512i vl = _mm512_sub_epi32(_mm512_and_si512(v, m4), zv);                        \
+            __m512i vh = _mm512_sub_epi32(_mm512_srli_epi32(v, 4), zv);                        \
+            __m512i ul = _mm512_sub_epi32(_mm512_and_si512(u, m4), zvb);                       \
+            __m512i uh = _mm512_sub_epi32(_mm512_srli_epi32(u, 4), zvb);                       \
             a0 = _mm512_fmadd_ps((NF) ? _mm512_permutexvar_ps(vl, lut) : _mm512_cvtepi32_ps(vl), x0, a0); \
             a1 = _mm512_fmadd_ps((NF) ? _mm512_permutexvar_ps(vh, lut) : _mm512_cvtepi32_ps(vh), x1, a1); \
             b0 = _mm512_fmadd_ps((NF) ? _mm512_permutexvar_ps(ul, lut) : _mm512_cvtepi32_ps(ul), x0, b0); \
@@ -70,50 +73,40 @@ static void NAME(const WDesc *w, const XPrep *xp, int64_t r0, int64_t r1, float 
     int64_t r = r0;                                                                                    \
     for (; r + 2 <= r1; r += 2) {                                                                      \
         const uint8_t *row = w->codes + r * w->stride, *rowb = row + w->stride;                        \
-        __m512 acc = _mm512_setzero_ps(), zacc = _mm512_setzero_ps();                                  \
-        __m512 accb = _mm512_setzero_ps(), zaccb = _mm512_setzero_ps();                                \
+        __m512 acc = _mm512_setzero_ps(), accb = _mm512_setzero_ps();                                  \
         for (int64_t gc = 0; gc < ng; gc += 16) {                                                      \
             const int64_t n = ng - gc < 16 ? ng - gc : 16;                                             \
             const __mmask16 m = (__mmask16)((1u << n) - 1);                                            \
             const __m512 s = load_scales16(w, r, gc, m), sb = load_scales16(w, r + 1, gc, m);          \
-            if (!(NF)) {                                                                               \
-                const __m512 xs = _mm512_maskz_loadu_ps(m, xp->xs + gc);                               \
-                __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, w->zeros + r * ng + gc))); \
-                __m512 zb = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, w->zeros + (r + 1) * ng + gc))); \
-                zacc = _mm512_fmadd_ps(_mm512_mul_ps(s, z), xs, zacc);                                 \
-                zaccb = _mm512_fmadd_ps(_mm512_mul_ps(sb, zb), xs, zaccb);                             \
-            }                                                                                          \
             _mm512_storeu_ps(ss, s);                                                                   \
             _mm512_storeu_ps(ssb, sb);                                                                 \
             for (int64_t gi = gc; gi < gc + n; gi++) {                                                 \
                 const uint8_t *p = row + gi * g / 2, *pb = rowb + gi * g / 2;                          \
                 const float *xg = xp->x + gi * g;                                                      \
+                const __m512i zv = _mm512_set1_epi32((NF) ? 0 : w->zeros[r * ng + gi]);              \
+                const __m512i zvb = _mm512_set1_epi32((NF) ? 0 : w->zeros[(r + 1) * ng + gi]);        \
                 NIB_GROUP2(g, NF);                                                                     \
             }                                                                                          \
         }                                                                                              \
-        y[r] = _mm512_reduce_add_ps(acc) - _mm512_reduce_add_ps(zacc);                                 \
-        y[r + 1] = _mm512_reduce_add_ps(accb) - _mm512_reduce_add_ps(zaccb);                           \
+        y[r] = _mm512_reduce_add_ps(acc);                                                              \
+        y[r + 1] = _mm512_reduce_add_ps(accb);                                                         \
     }                                                                                                  \
     for (; r < r1; r++) {                                                                              \
         const uint8_t *row = w->codes + r * w->stride;                                                 \
-        __m512 acc = _mm512_setzero_ps(), zacc = _mm512_setzero_ps();                                  \
+        __m512 acc = _mm512_setzero_ps();                                                              \
         for (int64_t gc = 0; gc < ng; gc += 16) {                                                      \
             const int64_t n = ng - gc < 16 ? ng - gc : 16;                                             \
             const __mmask16 m = (__mmask16)((1u << n) - 1);                                            \
             const __m512 s = load_scales16(w, r, gc, m);                                               \
-            if (!(NF)) {                                                                               \
-                const __m512 xs = _mm512_maskz_loadu_ps(m, xp->xs + gc);                               \
-                __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, w->zeros + r * ng + gc))); \
-                zacc = _mm512_fmadd_ps(_mm512_mul_ps(s, z), xs, zacc);                                 \
-            }                                                                                          \
             _mm512_storeu_ps(ss, s);                                                                   \
             for (int64_t gi = gc; gi < gc + n; gi++) {                                                 \
                 const uint8_t *p = row + gi * g / 2;                                                   \
                 const float *xg = xp->x + gi * g;                                                      \
+                const __m512i zv = _mm512_set1_epi32((NF) ? 0 : w->zeros[r * ng + gi]);              \
                 NIB_GROUP(g, NF);                                                                      \
             }                                                                                          \
         }                                                                                              \
-        y[r] = _mm512_reduce_add_ps(acc) - _mm512_reduce_add_ps(zacc);                                 \
+        y[r] = _mm512_reduce_add_ps(acc);                                                              \
     }                                                                                                  \
 }
 

@@ -23,8 +23,9 @@ static inline float FN(dot)(const float *q, const float *x, int64_t n) {
 static inline int FN(is_float)(int kind) { return kind == K_F32 || kind == K_BF16 || kind == K_F16; }
 
 /* Codes [k0, k0 + n) of group gi of `row` as floats, in the order XPrep lays x out (nibble kinds:
- * each full 32-block as 16 low nibbles then 16 high nibbles). k0 is a multiple of SUB. */
-static void FN(decode)(const WDesc *w, const uint8_t *row, int64_t gi, int64_t k0, int64_t n, float *q) {
+ * each full 32-block as 16 low nibbles then 16 high nibbles; int4 minus its zero point z, exact).
+ * k0 is a multiple of SUB. */
+static void FN(decode)(const WDesc *w, const uint8_t *row, int64_t gi, int64_t k0, int64_t n, int z, float *q) {
     switch (w->kind) {
     case K_F32: { const float *p = (const float *)row + k0; for (int64_t i = 0; i < n; i++) q[i] = p[i]; break; }
     case K_BF16: { const uint16_t *p = (const uint16_t *)row + k0; for (int64_t i = 0; i < n; i++) q[i] = bf16_to_f32(p[i]); break; }
@@ -40,13 +41,13 @@ static void FN(decode)(const WDesc *w, const uint8_t *row, int64_t gi, int64_t k
         for (; k < full; k += 32, p += 16)
             for (int j = 0; j < 16; j++) {
                 int lo = p[j] & 15, hi = p[j] >> 4;
-                q[k + j] = nf ? NF4_LUT[lo] : (float)lo;
-                q[k + 16 + j] = nf ? NF4_LUT[hi] : (float)hi;
+                q[k + j] = nf ? NF4_LUT[lo] : (float)(lo - z);
+                q[k + 16 + j] = nf ? NF4_LUT[hi] : (float)(hi - z);
             }
         for (; k < n; k += 2, p++) {
             int lo = p[0] & 15, hi = p[0] >> 4;
-            q[k] = nf ? NF4_LUT[lo] : (float)lo;
-            q[k + 1] = nf ? NF4_LUT[hi] : (float)hi;
+            q[k] = nf ? NF4_LUT[lo] : (float)(lo - z);
+            q[k + 1] = nf ? NF4_LUT[hi] : (float)(hi - z);
         }
         break;
     }
@@ -74,25 +75,21 @@ static void FN(rows_generic)(const WDesc *w, const XPrep *xp, int64_t r0, int64_
     const int fl = FN(is_float)(w->kind);
     for (int64_t r = r0; r < r1; r++) {
         const uint8_t *row = w->codes + r * w->stride;
-        float acc[MAX_T], zacc[MAX_T];
-        for (int t = 0; t < T; t++) acc[t] = zacc[t] = 0.0f;
+        float acc[MAX_T];
+        for (int t = 0; t < T; t++) acc[t] = 0.0f;
         for (int64_t gi = 0; gi < w->ng; gi++) {
             const int64_t gw = FN(group_width)(w, gi);
             float part[MAX_T];
             for (int t = 0; t < T; t++) part[t] = 0.0f;
             for (int64_t k0 = 0; k0 < gw; k0 += SUB) {
                 const int64_t n = gw - k0 < SUB ? gw - k0 : SUB;
-                FN(decode)(w, row, gi, k0, n, q);
+                FN(decode)(w, row, gi, k0, n, w->kind == K_INT4 ? w->zeros[r * w->ng + gi] : 0, q);
                 for (int t = 0; t < T; t++) part[t] += FN(dot)(q, xp->x + t * xp->len + gi * w->g + k0, n);
             }
             const float s = fl ? 1.0f : load_scale(w, r, gi);
             for (int t = 0; t < T; t++) acc[t] += s * part[t];
-            if (w->kind == K_INT4) {
-                const float sz = s * (float)w->zeros[r * w->ng + gi];
-                for (int t = 0; t < T; t++) zacc[t] += sz * xp->xs[t * xp->ng + gi];
-            }
         }
-        for (int t = 0; t < T; t++) y[t * ldy + r] = acc[t] - zacc[t];
+        for (int t = 0; t < T; t++) y[t * ldy + r] = acc[t];
     }
 }
 
