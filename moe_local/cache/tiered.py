@@ -30,7 +30,6 @@ GPU machine and are not exercised by CPU-only CI (tests marked `gpu`).
 
 from __future__ import annotations
 
-import sys
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -40,13 +39,14 @@ from typing import Any, Hashable, Sequence
 import torch
 
 from moe_local.cache.budget import BudgetPlan, round_slot
+from moe_local.cache.cpu_compute import CpuExpert, GroupedCpu, calibrate_miss
 from moe_local.cache.policies import make_policy
+from moe_local.cache.prefetch import FutureCheck, PrefetchBook
 from moe_local.cache.stats import CacheStats, TierCounters
 from moe_local.cache.tiers import Tier, TierState, allocate_slab
 from moe_local.cache.trace import TraceRecorder
 from moe_local.errors import MoeLocalError
-from moe_local.experts import ExpertPredictor, ExpertWeights, activation, combine_experts
-from moe_local.formats import kernels_cpu
+from moe_local.experts import ExpertPredictor, activation, combine_experts
 
 Key = Hashable
 MISS_MODES = ("transfer", "cpu", "auto")
@@ -75,47 +75,6 @@ class _Run:
     predicted: bool = False  # a prediction was made for this layer call (recall counts its misses)
     prev: Key | None = None
     issued: set = field(default_factory=set)  # demand transfers started by this call (always misses)
-
-
-class FutureCheck:
-    """Compares the run's demanded experts with the future `--policy belady` evicts by; warns once.
-
-    Why: belady only decides eviction, so a trace of another prompt (or a run longer than the
-    recording) still gives correct tokens -- but with a wrong future, silently. Like llama.cpp on a
-    mismatched but usable input, we say so once on stderr and carry on. The demand order is the one
-    `future_from_trace` produces: per layer call, the sorted distinct experts of the pass.
-    """
-
-    def __init__(self, future: Sequence[Key], label: str | None = None) -> None:
-        self.future = list(future)
-        self.label = label or "the belady future"
-        self.pos = 0
-        self.warned = False
-
-    def demand(self, keys: Sequence[Key]) -> None:
-        if self.warned:
-            return
-        start, self.pos = self.pos, self.pos + len(keys)
-        expected = self.future[start:self.pos]
-        if list(keys) == expected:
-            return
-        self.warned = True
-        if len(expected) < len(keys):
-            what = f"the run went past the {len(self.future):,} expert uses it recorded"
-        else:
-            what = f"at expert use {start:,} the run demanded {list(keys)}, the trace has {expected}"
-        sys.stderr.write(f"warning: {self.label} does not match this run ({what}); belady now evicts by a wrong "
-                         "future: tokens are unaffected, hit rates are not the optimum\n")
-
-
-class CpuExpert:
-    """An expert computed on the CPU from its RAM copy (`--miss cpu`): x moves, the weights do not."""
-
-    def __init__(self, weights: ExpertWeights) -> None:
-        self.weights = weights
-
-    def __call__(self, x: torch.Tensor, act) -> torch.Tensor:
-        return self.weights(x.to("cpu", torch.float32), act).to(x.device, x.dtype)
 
 
 class TieredExperts:
@@ -152,8 +111,6 @@ class TieredExperts:
         self.device = torch.device(device)
         self.dtype = dtype
         self.act = activation(act)
-        self.act_name = act  # a name (or a gated activation object the grouped kernel declines)
-        self.covered: dict[int, bool] = {}  # layer -> its experts run through the CPU grouped kernel
         self.top_k = int(top_k)
         self.cuda = self.device.type == "cuda"
         self.two_tier = self.cuda if two_tier is None else bool(two_tier)
@@ -184,15 +141,15 @@ class TieredExperts:
             raise MoeLocalError(f"the expert cache holds {self.compute.capacity} experts, fewer than top-k = {self.top_k}")
         self.inflight: dict[tuple[str, Key], _Load] = {}
         self.broken: set[tuple[str, Key]] = set()  # slots whose transfer failed: never served
-        self.pending_prefetch: dict[tuple[str, Key], int] = {}  # (tier, key) -> layer it was predicted for
-        self.predictions: dict[int, set[int]] = {}  # layer -> depth-1 predicted ids, scored on arrival
+        self.prefetches = PrefetchBook(self.stats)
         self.pool = ThreadPoolExecutor(max_workers=max(1, io_threads), thread_name_prefix="moe-local-io")
         # transient slots one streamed (wider-than-the-cache) layer may hold at once
         self.stream_window = max(1, min(self.top_k, self.compute.capacity))
+        self.grouped = GroupedCpu(source, self.device, dtype, act)
         self.calibration: dict[str, float] = {}
-        self.auto_cpu = False
         if self.cuda and miss == "auto":
-            self._calibrate()
+            self.calibration = calibrate_miss(source, self.first_layer, self.host.slab[0, :], self.device, self.act)
+        self.auto_cpu = bool(self.calibration) and self.calibration["cpu_expert_s"] < self.calibration["transfer_expert_s"]
         # earlier points of the token (dense MLPs, the first MoE layer's attention) predict the first
         # MoE layer, which has no MoE layer before it; the earliest of them starts a forward pass
         sources = predictor.sources() if predictor is not None else []
@@ -213,7 +170,7 @@ class TieredExperts:
         need = set(keys)
         tier = self.compute
         run = _Run(layer, stream=len(keys) > tier.capacity, cpu_miss=self._cpu_for_misses(T))
-        self._settle_prefetch(layer, need, run)
+        run.predicted, run.prefetched = self.prefetches.settle(layer, need)
         for k in keys:
             tier.policy.on_access(k, k in tier.table)
         if self.access_log is not None:
@@ -235,47 +192,15 @@ class TieredExperts:
             def fetch(e: int):
                 return self._fetch(run, (layer, e))
 
-            if self._grouped(layer, x):
-                y = self._combine_grouped(run, x, ids, weights, [e for _, e in keys])
+            if self.grouped.applies(layer, x):
+                one_call = not run.pending and not run.stream and not run.cpu_keys
+                y = self.grouped.combine(layer, x, ids, weights, [e for _, e in keys], fetch, one_call)
             else:
                 y = combine_experts(x, ids, weights, fetch, self.act)
             ok = True
         finally:
             self._end_run(run, ok)
         return y
-
-    def _grouped(self, layer: int, x: torch.Tensor) -> bool:
-        """CPU compute of a decode-sized batch goes through the grouped C kernel, exactly as
-        ResidentExperts over the same source does (so tokens cannot depend on what is cached)."""
-        if self.device.type != "cpu" or not kernels_cpu.grouped_applies(x, self.act_name):
-            return False
-        if layer not in self.covered:
-            sample = self.source.decode(self.source.view(layer, 0), layer, 0).to(self.device, self.dtype)
-            self.covered[layer] = kernels_cpu.expert_row(sample) is not None
-        return self.covered[layer]
-
-    def _combine_grouped(self, run: _Run, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-                         experts: list[int]) -> torch.Tensor:
-        """The layer through kernels_cpu.moe_accumulate: one call when every expert was already in
-        its slot (the decode steady state), else one call per expert as it arrives (its slot may be
-        reused by a later one). Both sum in ascending expert order: bitwise the same result."""
-        out = torch.zeros(x.shape, dtype=torch.float32)
-        rows, alive = [], []
-        one_call = not run.pending and not run.stream and not run.cpu_keys
-        for e in experts:
-            w = self._fetch(run, (run.layer, e))
-            w = w.weights if isinstance(w, CpuExpert) else w
-            row = kernels_cpu.expert_row(w)
-            if row is None:
-                raise MoeLocalError(f"layer {run.layer} expert {e}: its layout differs from expert 0's")
-            if one_call:
-                rows.append(row)
-                alive.append(w)  # a row holds raw pointers: a converted copy must outlive the call
-            else:
-                kernels_cpu.moe_accumulate(out, x, ids, weights, row[None], torch.tensor([e]), self.act_name)
-        if one_call:
-            kernels_cpu.moe_accumulate(out, x, ids, weights, torch.stack(rows), torch.tensor(experts), self.act_name)
-        return out if x.dtype == torch.float32 else out.to(x.dtype)
 
     def before_block(self, layer: int, x: torch.Tensor, site: str) -> None:
         """A dense layer's MLP (site "mlp") or the first MoE layer's attention ("attn") is about to
@@ -285,6 +210,11 @@ class TieredExperts:
             self._new_pass(x.shape[0])
         self._reap()
         self._prefetch(layer, x, set(), site=site, skip_wide=True)
+
+    def _prefetch(self, layer: int, x: torch.Tensor, need: set, site: str = "mlp", skip_wide: bool = False) -> None:
+        assert self.predictor is not None
+        self.prefetches.issue(self.predictor, layer, x, need, site, skip_wide, self.compute, self.host, self.gpu,
+                              self._acquire, self._issue, self.trace)
 
     def report(self) -> dict:
         """The "cache" section of the run report."""
@@ -468,8 +398,7 @@ class TieredExperts:
         tier.decoded.pop(slot, None)
         self.stats.tiers[tier.name].evictions += 1
         self._mark_slot_free(tier, slot)
-        if self.pending_prefetch.pop((tier.name, key), None) is not None:
-            self.stats.prefetch_wasted += 1
+        self.prefetches.evicted(tier.name, key)
 
     def _mark_slot_free(self, tier: Tier, slot: int) -> None:
         """GPU: the next copy into this slot must wait for every kernel already queued that reads it."""
@@ -648,76 +577,6 @@ class TieredExperts:
             tier.decoded[slot] = (key, w)  # a pure view of the slot: safe to keep while the slot is
         return w
 
-    # ------------------------------------------------------------------ prefetch
-    def _settle_prefetch(self, layer: int, need: set, run: _Run) -> None:
-        st = self.stats
-        pred = self.predictions.pop(layer, None)
-        run.predicted = pred is not None or any(t == layer for t in self.pending_prefetch.values())
-        if pred is not None:
-            st.actual_scored += len(need)
-            st.predicted_right += sum(1 for (_, e) in need if e in pred)
-        for tk, target in list(self.pending_prefetch.items()):
-            if target != layer:
-                continue
-            del self.pending_prefetch[tk]
-            if tk[1] in need:
-                st.prefetch_used += 1
-                run.prefetched.add(tk[1])
-            else:
-                st.prefetch_wasted += 1
-
-    def _prefetch(self, layer: int, x: torch.Tensor, need: set, site: str = "mlp", skip_wide: bool = False) -> None:
-        """Prefetch predicted experts of later layers into free or evictable slots, never evicting
-        anything this layer needs or anything already prefetched for a layer still to come.
-
-        skip_wide: skip a target whose prediction does not fit its tier (a wide prefill chunk will
-        stream that layer anyway; prefetching it would only flush the cache). MoE layers get the
-        same effect by not prefetching while they stream themselves."""
-        assert self.predictor is not None
-        for depth, target, ranked in self.predictor.predict(layer, x, site):
-            if self.trace is not None:
-                self.trace.predicted_ids(depth, target, ranked)
-            if depth == 1:
-                self.predictions[target] = set(ranked)
-            tier = self.compute if depth == 1 else self.host
-            if skip_wide and len(ranked) > tier.capacity:
-                continue
-            protect = set(need) | {k for (name, k) in self.pending_prefetch if name == tier.name}
-            for e in ranked:
-                k = (target, e)
-                if k in tier.table or (tier is self.host and self.gpu is not None and k in self.gpu.table):
-                    protect.add(k)  # famB2: a predicted expert already here must not make room for the next one
-                    continue
-                if self._acquire(tier, k, hard=protect, block=False) is None:
-                    break
-                if not self._issue(tier, k, demand=False, block=False):
-                    tier.table.release(k)
-                    tier.policy.on_remove(k)
-                    break
-                self.stats.prefetch_issued += 1
-                self.pending_prefetch[(tier.name, k)] = target
-                protect.add(k)
-
-    # ------------------------------------------------------------------ start-up calibration
-    def _calibrate(self) -> None:
-        """`--miss auto`: time one expert's RAM -> GPU copy against computing it on the CPU."""
-        layer = self.moe_layers[0]
-        n = self.source.expert_nbytes(layer, 0)
-        hbuf = self.host.slab[0, :n]
-        self.source.read_into(layer, 0, hbuf, verify=True)
-        bw = measure_h2d_bandwidth(n, self.device, hbuf)
-        w = self.source.decode(hbuf, layer, 0).to("cpu", torch.float32)
-        hidden = w.down.shape[0]
-        x = torch.randn(1, hidden)
-        w(x, self.act)
-        t0 = time.perf_counter()
-        for _ in range(3):
-            w(x, self.act)
-        cpu_s = (time.perf_counter() - t0) / 3
-        transfer_s = n / bw
-        self.calibration = {"h2d_bytes_per_s": bw, "cpu_expert_s": cpu_s, "transfer_expert_s": transfer_s}
-        self.auto_cpu = cpu_s < transfer_s
-
 
 def _position(layer: int, site: str) -> tuple[int, int]:
     """Execution order of a point in the model: a layer's attention input comes before its MLP's."""
@@ -740,19 +599,3 @@ def _same_memory(a, b) -> bool:
     if pa is None or pb is None or pa.keys() != pb.keys():
         return a is b
     return all(pa[k].data_ptr() == pb[k].data_ptr() for k in pa)
-
-
-def measure_h2d_bandwidth(nbytes: int, device: torch.device, src: torch.Tensor | None = None, reps: int = 5) -> float:
-    """Pinned host -> device bytes/s, timed with CUDA events (the roofline's denominator)."""
-    src = src if src is not None else torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst.copy_(src, non_blocking=True)
-    torch.cuda.synchronize(device)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        dst.copy_(src, non_blocking=True)
-    end.record()
-    torch.cuda.synchronize(device)
-    del dst
-    return nbytes * reps / (start.elapsed_time(end) / 1000.0)
