@@ -32,9 +32,8 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Hashable, Sequence
+from typing import Hashable, Sequence
 
 import torch
 
@@ -44,20 +43,13 @@ from moe_local.cache.policies import make_policy
 from moe_local.cache.prefetch import FutureCheck, PrefetchBook
 from moe_local.cache.stats import CacheStats, TierCounters
 from moe_local.cache.tiers import Tier, TierState, allocate_slab
+from moe_local.cache.transfers import Transfers
 from moe_local.cache.trace import TraceRecorder
 from moe_local.errors import MoeLocalError
 from moe_local.experts import ExpertPredictor, activation, combine_experts
 
 Key = Hashable
 MISS_MODES = ("transfer", "cpu", "auto")
-
-
-@dataclass
-class _Load:
-    tier: Tier
-    key: Key
-    future: Future
-    host_pin: bool = False  # the RAM copy is pinned until this GPU copy completes
 
 
 @dataclass
@@ -133,16 +125,13 @@ class TieredExperts:
         if self.two_tier:
             self.gpu = Tier("gpu", allocate_slab(gpu_slots, self.slot_bytes, self.device),
                             make_policy(policy, max(1, gpu_slots), future))
-            self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
             self.stats.tiers["gpu"] = TierCounters(capacity=gpu_slots)
         self.stats.tiers["ram"] = TierCounters(capacity=host_slots)
         self.compute: Tier = self.gpu if self.gpu is not None else self.host
         if self.compute.capacity < self.top_k:
             raise MoeLocalError(f"the expert cache holds {self.compute.capacity} experts, fewer than top-k = {self.top_k}")
-        self.inflight: dict[tuple[str, Key], _Load] = {}
-        self.broken: set[tuple[str, Key]] = set()  # slots whose transfer failed: never served
         self.prefetches = PrefetchBook(self.stats)
-        self.pool = ThreadPoolExecutor(max_workers=max(1, io_threads), thread_name_prefix="moe-local-io")
+        self.transfers = Transfers(source, self.host, self.gpu, self.device, io_threads)
         # transient slots one streamed (wider-than-the-cache) layer may hold at once
         self.stream_window = max(1, min(self.top_k, self.compute.capacity))
         self.grouped = GroupedCpu(source, self.device, dtype, act)
@@ -163,7 +152,7 @@ class TieredExperts:
             self._new_pass(T)
         if self.trace is not None:
             self.trace.layer(layer, ids.tolist())
-        self._reap()
+        self.transfers.reap()
         keys = [(layer, e) for e in torch.unique(ids).tolist()]
         if self.future_check is not None:
             self.future_check.demand(keys)
@@ -208,7 +197,7 @@ class TieredExperts:
         the first MoE layer is not a guaranteed cold miss. Called by the model (ExpertPredictor.listen)."""
         if _position(layer, site) == self.pass_start:
             self._new_pass(x.shape[0])
-        self._reap()
+        self.transfers.reap()
         self._prefetch(layer, x, set(), site=site, skip_wide=True)
 
     def _prefetch(self, layer: int, x: torch.Tensor, need: set, site: str = "mlp", skip_wide: bool = False) -> None:
@@ -231,16 +220,13 @@ class TieredExperts:
 
     def drain(self) -> None:
         """Wait for every transfer still in flight (prefetches of the last token) and settle it."""
-        for name, key in list(self.inflight):
-            tier = self.gpu if name == "gpu" else self.host
-            self._finish_load(tier, key, wait=True, swallow=True)
+        self.transfers.drain()
 
     def close(self) -> None:
         if self._stop_listening is not None:
             self._stop_listening()
             self._stop_listening = None
-        self.drain()
-        self.pool.shutdown(wait=True)
+        self.transfers.close()
         if self.trace is not None:
             self.trace.close()
 
@@ -266,11 +252,11 @@ class TieredExperts:
     def _unhold(self, run: _Run, tier: Tier, key: Key) -> None:
         run.held.remove((tier, key))
         tier.table.unpin(key)
-        self._purge(tier, key)
+        self.transfers.purge(tier, key)
         if key in tier.table.transient and tier.table.pins[key] == 0:
-            self._finish_load(tier, key, wait=True)
+            self.transfers.finish(tier, key)
             slot = tier.table.release(key)
-            self._mark_slot_free(tier, slot)
+            self.transfers.mark_slot_free(tier, slot)
 
     def _issue_pending(self, run: _Run, must: Key | None = None) -> None:
         """Give slots to the call's missing experts, in order, and start their transfers.
@@ -332,7 +318,7 @@ class TieredExperts:
         st = self.stats
         if key in run.cpu_keys:
             t0 = time.perf_counter()
-            self._finish_load(self.host, key, wait=True)
+            self.transfers.finish(self.host, key)
             st.stall_s += time.perf_counter() - t0
             st.use(run.layer, False)
             st.tiers["gpu"].misses += 1
@@ -341,11 +327,10 @@ class TieredExperts:
                 st.uncovered_misses += 1
             return CpuExpert(self._weights(self.host, key, torch.device("cpu"), torch.float32))
         tier = self.compute
-        load = self.inflight.get((tier.name, key))
-        hit = key not in run.issued and (load is None or _arrived(load))
-        if load is not None:
+        hit = key not in run.issued and self.transfers.arrived(tier, key)
+        if (tier.name, key) in self.transfers.inflight:
             t0 = time.perf_counter()
-            self._finish_load(tier, key, wait=True)
+            self.transfers.finish(tier, key)
             st.stall_s += time.perf_counter() - t0
         if key in run.prefetched:
             st.prefetch_late += not hit
@@ -362,27 +347,22 @@ class TieredExperts:
     def _end_run(self, run: _Run, ok: bool) -> None:
         for tier, k in list(run.held):
             if not ok:
-                self._finish_load(tier, k, wait=True, swallow=True)
+                self.transfers.finish(tier, k, swallow=True)
             self._unhold(run, tier, k)
 
     # ------------------------------------------------------------------ slots and transfers
-    def _inflight_keys(self, tier: Tier) -> set:
-        """Keys whose slot in `tier` is being written (or, for RAM, read by a GPU copy)."""
-        return {k for (name, k), load in self.inflight.items()
-                if name == tier.name or (tier is self.host and load.host_pin)}
-
     def _acquire(self, tier: Tier, key: Key, hard: set = frozenset(), soft: set = frozenset(),
                  transient: bool = False, block: bool = True) -> int | None:
         """A slot for `key`: a free one, or the policy's victim among keys nobody needs now."""
         while not tier.table.has_free:
-            pinned = tier.table.pinned() | self._inflight_keys(tier) | set(hard)
+            pinned = tier.table.pinned() | self.transfers.inflight_keys(tier) | set(hard)
             victim = tier.policy.victim(tier.table.cached_keys(), pinned | set(soft))
             if victim is None and soft:
                 victim = tier.policy.victim(tier.table.cached_keys(), pinned)
             if victim is not None:
                 self._evict(tier, victim)
                 break
-            if not block or not self._wait_one(tier):
+            if not block or not self.transfers.wait_one(tier):
                 if block:
                     raise MoeLocalError(f"the {tier.name} expert cache has no slot that can be freed (all pinned)")
                 return None
@@ -397,41 +377,25 @@ class TieredExperts:
         tier.policy.on_remove(key)
         tier.decoded.pop(slot, None)
         self.stats.tiers[tier.name].evictions += 1
-        self._mark_slot_free(tier, slot)
+        self.transfers.mark_slot_free(tier, slot)
         self.prefetches.evicted(tier.name, key)
-
-    def _mark_slot_free(self, tier: Tier, slot: int) -> None:
-        """GPU: the next copy into this slot must wait for every kernel already queued that reads it."""
-        tier.decoded.pop(slot, None)
-        if tier is self.gpu and self.cuda:
-            ev = torch.cuda.Event()
-            ev.record(torch.cuda.current_stream(self.device))
-            tier.free_events[slot] = ev
 
     def _issue(self, tier: Tier, key: Key, demand: bool, block: bool) -> bool:
         """Start filling `key`'s (already assigned) slot in `tier`. False if no RAM slot was available."""
         n = self.source.expert_nbytes(*key)
-        if tier is self.host:
-            fut = self.pool.submit(self._read, key, self.host.buffer(key, n))
-            self.inflight[("ram", key)] = _Load(tier, key, fut)
-            self.stats.disk_to_ram += n
-            return True
         host, st = self.host, self.stats
+        if tier is host:
+            self.transfers.start_read(key, n)
+            st.disk_to_ram += n
+            return True
         slot = tier.table.slot_of[key]
-        dbuf = tier.slab[slot, :n]
         free_ev = tier.free_events.pop(slot, None)
         if key in host.table:
             if demand:
                 host.policy.on_access(key, True)
                 st.tiers["ram"].hits += 1
             host.table.pin(key)
-            hload = self.inflight.get(("ram", key))
-            hbuf = host.buffer(key, n)
-            if hload is None:
-                fut: Future = Future()
-                fut.set_result(self._copy(hbuf, dbuf, free_ev))
-            else:
-                fut = self.pool.submit(self._copy_after, hload.future, hbuf, dbuf, free_ev)
+            self.transfers.start_copy(tier, key, n, free_ev)
         else:
             if demand:
                 host.policy.on_access(key, False)
@@ -441,11 +405,8 @@ class TieredExperts:
                     tier.free_events[slot] = free_ev
                 return False
             host.table.pin(key)
-            hbuf = host.buffer(key, n)
-            fut = self.pool.submit(self._read_copy, key, hbuf, dbuf, free_ev)
-            self.inflight[("ram", key)] = _Load(host, key, fut)
+            self.transfers.start_read_copy(tier, key, n, free_ev)
             st.disk_to_ram += n
-        self.inflight[(tier.name, key)] = _Load(tier, key, fut, host_pin=True)
         st.ram_to_gpu += n
         return True
 
@@ -466,105 +427,6 @@ class TieredExperts:
         self._hold(run, host, key)
         return True
 
-    # runs on I/O threads -------------------------------------------------
-    def _read(self, key: Key, hbuf: torch.Tensor) -> None:
-        self.source.read_into(key[0], key[1], hbuf, verify=True)
-        return None
-
-    def _copy(self, hbuf: torch.Tensor, dbuf: torch.Tensor, free_ev) -> Any:
-        if not self.cuda:  # simulated device tier (tests): a plain synchronous copy
-            dbuf.copy_(hbuf)
-            return None
-        with torch.cuda.device(self.device), torch.cuda.stream(self.copy_stream):  # I/O threads: set both
-            if free_ev is not None:
-                self.copy_stream.wait_event(free_ev)
-            dbuf.copy_(hbuf, non_blocking=True)
-            ev = torch.cuda.Event()
-            ev.record(self.copy_stream)
-        return ev
-
-    def _copy_after(self, host_future: Future, hbuf, dbuf, free_ev) -> Any:
-        host_future.result()
-        return self._copy(hbuf, dbuf, free_ev)
-
-    def _read_copy(self, key: Key, hbuf, dbuf, free_ev) -> Any:
-        self._read(key, hbuf)
-        return self._copy(hbuf, dbuf, free_ev)
-
-    # completion ------------------------------------------------------------
-    def _finish_load(self, tier: Tier, key: Key, wait: bool, swallow: bool = False) -> None:
-        """Wait for (or reap) the transfer into `key`'s slot; on failure drop the key and re-raise."""
-        load = self.inflight.get((tier.name, key))
-        if load is None:
-            return
-        try:
-            ev = load.future.result()
-            if ev is not None:
-                ev.synchronize()
-        except BaseException:
-            self._drop_failed(load)
-            if swallow:
-                return
-            raise
-        self._complete(load)
-
-    def _complete(self, load: _Load) -> None:
-        self.inflight.pop((load.tier.name, load.key), None)
-        if load.host_pin:
-            self.host.table.unpin(load.key)
-            hload = self.inflight.get(("ram", load.key))
-            if hload is not None and hload.future is load.future:
-                self.inflight.pop(("ram", load.key))
-        self._purge(load.tier, load.key)
-        self._purge(self.host, load.key)
-
-    def _drop_failed(self, load: _Load) -> None:
-        """A failed read (checksum, I/O error): the slot holds garbage, so the key leaves the tier(s)
-        as soon as nobody holds it (see `_purge`); a later demand reads it again and fails loudly."""
-        self._complete(load)
-        for tier in (load.tier, self.host):
-            key = load.key
-            if key not in tier.table:
-                continue
-            self.broken.add((tier.name, key))
-            other = self.inflight.get((tier.name, key))
-            if other is not None and other.future.done():
-                self._complete(other)
-            self._purge(tier, key)
-
-    def _purge(self, tier: Tier, key: Key) -> None:
-        if (tier.name, key) not in self.broken or key not in tier.table:
-            return
-        if tier.table.pins[key] > 0 or (tier.name, key) in self.inflight:
-            return
-        self.broken.discard((tier.name, key))
-        transient = key in tier.table.transient
-        slot = tier.table.release(key)
-        if not transient:
-            tier.policy.on_remove(key)
-        self._mark_slot_free(tier, slot)
-
-    def _reap(self) -> None:
-        for load in list(self.inflight.values()):
-            if (load.tier.name, load.key) not in self.inflight or not load.future.done():
-                continue
-            if load.future.exception() is not None:
-                if load.tier.table.pins[load.key] == 0:
-                    self._drop_failed(load)
-                continue
-            ev = load.future.result()
-            if ev is None or ev.query():
-                self._complete(load)
-
-    def _wait_one(self, tier: Tier) -> bool:
-        """Block until the oldest transfer that holds a slot of `tier` completes (it may free one):
-        a transfer into the tier, or (RAM tier) a GPU copy still reading its RAM slot. False if none."""
-        for (name, key), load in list(self.inflight.items()):
-            if name == tier.name or (tier is self.host and load.host_pin):
-                self._finish_load(load.tier, key, wait=True, swallow=True)
-                return True
-        return False
-
     def _weights(self, tier: Tier, key: Key, device: torch.device, dtype: torch.dtype | None):
         slot = tier.table.slot_of[key]
         cached = tier.decoded.get(slot) if device == self.device else None
@@ -581,14 +443,6 @@ class TieredExperts:
 def _position(layer: int, site: str) -> tuple[int, int]:
     """Execution order of a point in the model: a layer's attention input comes before its MLP's."""
     return (layer, 0 if site == "attn" else 1)
-
-
-def _arrived(load: _Load) -> bool:
-    """The transfer is complete (a prefetch that arrived in time is an effective hit)."""
-    if not load.future.done() or load.future.exception() is not None:
-        return False
-    ev = load.future.result()
-    return ev is None or ev.query()
 
 
 def _same_memory(a, b) -> bool:
