@@ -23,6 +23,13 @@ whole cache (it does not thrash).
 With `miss="cpu"` (or `auto` when the start-up calibration says the CPU is quicker than the link), a
 batch-1 decode miss is computed on the CPU from the expert's RAM copy instead of moving its bytes.
 
+The parts, each its own module: `slots.py` (which key gets which slot of a tier: acquisition,
+eviction, staging a GPU fill through RAM), `transfers.py` (the I/O threads, the copy stream, CUDA
+events, in-flight records, completion and failure), `prefetch.py` (prefetch issue and settle
+bookkeeping, the belady future check), `cpu_compute.py` (the grouped C kernel, `--miss cpu`, the
+`--miss auto` calibration) and `stats.py` (counters). This module keeps the layer call: which keys
+it holds, in which order it waits for them, and what each use counts as.
+
 Threads: all bookkeeping (tables, policies, counters) happens on the caller's thread; I/O threads
 only fill the slot bytes they were handed and enqueue the copy. CUDA code paths are written for a
 GPU machine and are not exercised by CPU-only CI (tests marked `gpu`).
@@ -41,6 +48,7 @@ from moe_local.cache.budget import BudgetPlan, round_slot
 from moe_local.cache.cpu_compute import CpuExpert, GroupedCpu, calibrate_miss
 from moe_local.cache.policies import make_policy
 from moe_local.cache.prefetch import FutureCheck, PrefetchBook
+from moe_local.cache.slots import Slots
 from moe_local.cache.stats import CacheStats, TierCounters
 from moe_local.cache.tiers import Tier, TierState, allocate_slab
 from moe_local.cache.transfers import Transfers
@@ -132,13 +140,16 @@ class TieredExperts:
             raise MoeLocalError(f"the expert cache holds {self.compute.capacity} experts, fewer than top-k = {self.top_k}")
         self.prefetches = PrefetchBook(self.stats)
         self.transfers = Transfers(source, self.host, self.gpu, self.device, io_threads)
+        self.slots = Slots(source, self.host, self.gpu, self.transfers, self.stats, self.prefetches.evicted,
+                           self.device, dtype)
         # transient slots one streamed (wider-than-the-cache) layer may hold at once
         self.stream_window = max(1, min(self.top_k, self.compute.capacity))
         self.grouped = GroupedCpu(source, self.device, dtype, act)
         self.calibration: dict[str, float] = {}
         if self.cuda and miss == "auto":
             self.calibration = calibrate_miss(source, self.first_layer, self.host.slab[0, :], self.device, self.act)
-        self.auto_cpu = bool(self.calibration) and self.calibration["cpu_expert_s"] < self.calibration["transfer_expert_s"]
+        calib = self.calibration
+        self.auto_cpu = bool(calib) and calib["cpu_expert_s"] < calib["transfer_expert_s"]
         # earlier points of the token (dense MLPs, the first MoE layer's attention) predict the first
         # MoE layer, which has no MoE layer before it; the earliest of them starts a forward pass
         sources = predictor.sources() if predictor is not None else []
@@ -203,7 +214,7 @@ class TieredExperts:
     def _prefetch(self, layer: int, x: torch.Tensor, need: set, site: str = "mlp", skip_wide: bool = False) -> None:
         assert self.predictor is not None
         self.prefetches.issue(self.predictor, layer, x, need, site, skip_wide, self.compute, self.host, self.gpu,
-                              self._acquire, self._issue, self.trace)
+                              self.slots.acquire, self.slots.fill, self.trace)
 
     def report(self) -> dict:
         """The "cache" section of the run report."""
@@ -269,19 +280,20 @@ class TieredExperts:
             k = run.pending[0]
             block = k == must
             if run.cpu_miss:
-                if not self._ensure_host(k, run, block=block, demand=True):
+                if not self.slots.ensure_host(k, block=block, demand=True):
                     return
+                self._hold(run, self.host, k)
                 run.cpu_keys.add(k)
             else:
                 if run.stream and not block and len(tier.table.transient) >= self.stream_window:
                     return  # a wide prefill layer streams through a few slots: it must not flush the cache
                 soft = {j for j in run.later if j != k}
-                slot = self._acquire(tier, k, soft=soft, transient=run.stream, block=block)
+                slot = self.slots.acquire(tier, k, soft=soft, transient=run.stream, block=block)
                 if slot is None:
                     return
                 self._hold(run, tier, k)
                 run.issued.add(k)
-                if not self._issue(tier, k, demand=True, block=block):
+                if not self.slots.fill(tier, k, demand=True, block=block):
                     self._unhold(run, tier, k)  # releases a transient slot
                     if k in tier.table:
                         tier.table.release(k)
@@ -325,7 +337,7 @@ class TieredExperts:
             st.cpu_computed += 1
             if key not in run.prefetched and run.predicted:
                 st.uncovered_misses += 1
-            return CpuExpert(self._weights(self.host, key, torch.device("cpu"), torch.float32))
+            return CpuExpert(self.slots.weights(self.host, key, torch.device("cpu"), torch.float32))
         tier = self.compute
         hit = key not in run.issued and self.transfers.arrived(tier, key)
         if (tier.name, key) in self.transfers.inflight:
@@ -342,7 +354,7 @@ class TieredExperts:
         counters.misses += not hit
         if key in tier.table.transient:
             st.streamed_uses += 1
-        return self._weights(tier, key, self.device, self.dtype)
+        return self.slots.weights(tier, key, self.device, self.dtype)
 
     def _end_run(self, run: _Run, ok: bool) -> None:
         for tier, k in list(run.held):
@@ -350,106 +362,7 @@ class TieredExperts:
                 self.transfers.finish(tier, k, swallow=True)
             self._unhold(run, tier, k)
 
-    # ------------------------------------------------------------------ slots and transfers
-    def _acquire(self, tier: Tier, key: Key, hard: set = frozenset(), soft: set = frozenset(),
-                 transient: bool = False, block: bool = True) -> int | None:
-        """A slot for `key`: a free one, or the policy's victim among keys nobody needs now."""
-        while not tier.table.has_free:
-            pinned = tier.table.pinned() | self.transfers.inflight_keys(tier) | set(hard)
-            victim = tier.policy.victim(tier.table.cached_keys(), pinned | set(soft))
-            if victim is None and soft:
-                victim = tier.policy.victim(tier.table.cached_keys(), pinned)
-            if victim is not None:
-                self._evict(tier, victim)
-                break
-            if not block or not self.transfers.wait_one(tier):
-                if block:
-                    raise MoeLocalError(f"the {tier.name} expert cache has no slot that can be freed (all pinned)")
-                return None
-        slot = tier.table.assign(key, transient=transient)
-        tier.decoded.pop(slot, None)
-        if not transient:
-            tier.policy.on_insert(key)
-        return slot
-
-    def _evict(self, tier: Tier, key: Key) -> None:
-        slot = tier.table.release(key)
-        tier.policy.on_remove(key)
-        tier.decoded.pop(slot, None)
-        self.stats.tiers[tier.name].evictions += 1
-        self.transfers.mark_slot_free(tier, slot)
-        self.prefetches.evicted(tier.name, key)
-
-    def _issue(self, tier: Tier, key: Key, demand: bool, block: bool) -> bool:
-        """Start filling `key`'s (already assigned) slot in `tier`. False if no RAM slot was available."""
-        n = self.source.expert_nbytes(*key)
-        host, st = self.host, self.stats
-        if tier is host:
-            self.transfers.start_read(key, n)
-            st.disk_to_ram += n
-            return True
-        slot = tier.table.slot_of[key]
-        free_ev = tier.free_events.pop(slot, None)
-        if key in host.table:
-            if demand:
-                host.policy.on_access(key, True)
-                st.tiers["ram"].hits += 1
-            host.table.pin(key)
-            self.transfers.start_copy(tier, key, n, free_ev)
-        else:
-            if demand:
-                host.policy.on_access(key, False)
-                st.tiers["ram"].misses += 1
-            if self._acquire(host, key, block=block) is None:
-                if free_ev is not None:
-                    tier.free_events[slot] = free_ev
-                return False
-            host.table.pin(key)
-            self.transfers.start_read_copy(tier, key, n, free_ev)
-            st.disk_to_ram += n
-        st.ram_to_gpu += n
-        return True
-
-    def _ensure_host(self, key: Key, run: _Run, block: bool, demand: bool) -> bool:
-        """`--miss cpu`: make sure the expert's RAM copy exists (or is on its way) and pin it."""
-        host = self.host
-        if key in host.table:
-            if demand:
-                host.policy.on_access(key, True)
-                self.stats.tiers["ram"].hits += 1
-        else:
-            if demand:
-                host.policy.on_access(key, False)
-                self.stats.tiers["ram"].misses += 1
-            if self._acquire(host, key, block=block) is None:
-                return False
-            self._issue(host, key, demand=demand, block=block)
-        self._hold(run, host, key)
-        return True
-
-    def _weights(self, tier: Tier, key: Key, device: torch.device, dtype: torch.dtype | None):
-        slot = tier.table.slot_of[key]
-        cached = tier.decoded.get(slot) if device == self.device else None
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        raw = self.source.decode(tier.buffer(key, self.source.expert_nbytes(*key)), *key)
-        w = raw.to(device, dtype)
-        if device == self.device and all(_same_memory(a, b) for a, b in
-                                         zip((raw.gate, raw.up, raw.down), (w.gate, w.up, w.down))):
-            tier.decoded[slot] = (key, w)  # a pure view of the slot: safe to keep while the slot is
-        return w
-
 
 def _position(layer: int, site: str) -> tuple[int, int]:
     """Execution order of a point in the model: a layer's attention input comes before its MLP's."""
     return (layer, 0 if site == "attn" else 1)
-
-
-def _same_memory(a, b) -> bool:
-    """True when `b` (after .to(device, dtype)) still views `a`'s bytes: no copy was made."""
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.data_ptr() == b.data_ptr()
-    pa, pb = getattr(a, "packed", None), getattr(b, "packed", None)
-    if pa is None or pb is None or pa.keys() != pb.keys():
-        return a is b
-    return all(pa[k].data_ptr() == pb[k].data_ptr() for k in pa)
