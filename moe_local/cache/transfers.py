@@ -4,7 +4,7 @@ happens when one completes or fails.
 
 Threads: the methods run on the caller's (model's) thread, except `_read` / `_copy*`, which run on
 the I/O threads and only fill the slot bytes they were handed and enqueue the copy. Which key gets
-which slot is decided by the caller (tiered.py); a failed transfer drops its key from the tier(s)
+which slot is decided by the caller (slots.py); a failed transfer drops its key from the tier(s)
 here, as soon as nobody holds it (`purge`), so garbage bytes are never served.
 """
 
