@@ -43,9 +43,10 @@ def check_pack_tiered_matches_resident(ckpt: Path, tmp: Path, prompt: list[int],
     return report
 
 
-def inspect_config_only(tmp: Path, config: dict) -> dict:
+def inspect_config_only(tmp: Path, config: dict, dtype: str = "bfloat16") -> dict:
     """`moe-local inspect --json` on a folder holding only `config` as config.json (a real model's, for its
-    published sizes): the model is built on the meta device, no weight exists or is allocated."""
+    published sizes): the model is built on the meta device, no weight exists or is allocated. Memory
+    figures for a `dtype` run (bf16, as these models are run)."""
     (tmp / "config.json").write_text(json.dumps(config))
-    assert "sizes from config.json" in cli("inspect", tmp)
-    return json.loads(cli("inspect", tmp, "--json"))
+    assert "sizes from config.json" in cli("inspect", tmp, "--dtype", dtype)
+    return json.loads(cli("inspect", tmp, "--json", "--dtype", dtype))

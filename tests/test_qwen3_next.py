@@ -20,7 +20,7 @@ from moe_local.runtime.generate import GenerateOptions, Generator
 from moe_local.runtime.loader import load_model
 from moe_local.runtime.sampling import SamplingOptions
 pytestmark = pytest.mark.usefixtures("one_thread")  # one torch thread on a shared box (conftest)
-from tests.family_checks import check_pack_tiered_matches_resident, cli, runner
+from tests.family_checks import check_pack_tiered_matches_resident, cli, inspect_config_only, runner
 from tests.tiny import (VOCAB, assert_matches_reference, fuse_experts, qwen3_5_moe_config, qwen3_5_moe_text_config,
                         qwen3_next_config, reference_greedy, reference_logits, save_tiny)
 
@@ -230,10 +230,7 @@ QWEN3_30B_A3B = {  # Qwen/Qwen3-30B-A3B config.json
 def _inspect_config(tmp_path, config: dict) -> dict:
     """`moe-local inspect` on a folder holding only config.json: the model is built on the meta device,
     every figure comes from its parameter shapes; no weight exists or is allocated."""
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    table = cli("inspect", tmp_path)
-    assert "sizes from config.json" in table
-    return json.loads(cli("inspect", tmp_path, "--json"))
+    return inspect_config_only(tmp_path, config)  # memory figures for a bf16 run
 
 
 def test_inspect_qwen3_next_80b_a3b_real_size(tmp_path):

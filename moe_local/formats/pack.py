@@ -167,13 +167,17 @@ class PackedExpertLayout:
                 except MoeLocalError as exc:
                     raise CheckpointError(f"expert layout of {proj}: {exc}", where) from None
                 want = set(scheme.tensor_specs(p.shape))
-                if {t.name for t in p.tensors} != want:
+                if {t.name for t in p.tensors} - {BIAS} != want:  # + an optional bias (minor version 1)
                     raise CheckpointError(f"expert layout of {proj} lists tensors {sorted(t.name for t in p.tensors)}; "
                                           f"scheme {p.scheme!r} stores {sorted(want)}", where)
                 if len(p.shape) != 2 or not all(isinstance(n, int) and n > 0 for n in p.shape):
                     raise CheckpointError(f"expert layout of {proj} has shape {list(p.shape)}; expected [out, in]", where)
                 if any(not isinstance(n, int) or n < 0 for t in p.tensors for n in t.shape):
                     raise CheckpointError(f"expert layout of {proj} has a tensor with a bad shape", where)
+                bias = next((t for t in p.tensors if t.name == BIAS), None)
+                if bias is not None and (bias.shape != (p.shape[0],) or bias.dtype != torch.float32):
+                    raise CheckpointError(f"expert layout of {proj} has a bias of {list(bias.shape)} {bias.dtype}; "
+                                          f"expected [{p.shape[0]}] float32", where)
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
             raise CheckpointError(f"malformed expert layout in the manifest ({exc!r})", where) from None
         end = max((t.offset + t.nbytes for p in projections.values() for t in p.tensors), default=0)
