@@ -49,8 +49,9 @@ import torch
 
 from moe_local.cache.adapters import FixedSizeBytes
 from moe_local.cache.budget import plan_budget, round_slot
+from moe_local.cache.cpu_compute import measure_h2d_bandwidth
 from moe_local.units import MiB, format_bytes, parse_size
-from moe_local.cache.tiered import TieredExperts, measure_h2d_bandwidth
+from moe_local.cache.tiered import TieredExperts
 from moe_local.errors import CheckpointError, MoeLocalError
 from moe_local.experts import ExpertWeights
 

@@ -23,6 +23,13 @@ whole cache (it does not thrash).
 With `miss="cpu"` (or `auto` when the start-up calibration says the CPU is quicker than the link), a
 batch-1 decode miss is computed on the CPU from the expert's RAM copy instead of moving its bytes.
 
+The parts, each its own module: `slots.py` (which key gets which slot of a tier: acquisition,
+eviction, staging a GPU fill through RAM), `transfers.py` (the I/O threads, the copy stream, CUDA
+events, in-flight records, completion and failure), `prefetch.py` (prefetch issue and settle
+bookkeeping, the belady future check), `cpu_compute.py` (the grouped C kernel, `--miss cpu`, the
+`--miss auto` calibration) and `stats.py` (counters). This module keeps the layer call: which keys
+it holds, in which order it waits for them, and what each use counts as.
+
 Threads: all bookkeeping (tables, policies, counters) happens on the caller's thread; I/O threads
 only fill the slot bytes they were handed and enqueue the copy. CUDA code paths are written for a
 GPU machine and are not exercised by CPU-only CI (tests marked `gpu`).
@@ -30,34 +37,27 @@ GPU machine and are not exercised by CPU-only CI (tests marked `gpu`).
 
 from __future__ import annotations
 
-import sys
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Hashable, Sequence
+from typing import Hashable, Sequence
 
 import torch
 
 from moe_local.cache.budget import BudgetPlan, round_slot
+from moe_local.cache.cpu_compute import CpuExpert, GroupedCpu, calibrate_miss
 from moe_local.cache.policies import make_policy
+from moe_local.cache.prefetch import FutureCheck, PrefetchBook
+from moe_local.cache.slots import Slots
 from moe_local.cache.stats import CacheStats, TierCounters
 from moe_local.cache.tiers import Tier, TierState, allocate_slab
+from moe_local.cache.transfers import Transfers
 from moe_local.cache.trace import TraceRecorder
 from moe_local.errors import MoeLocalError
-from moe_local.experts import ExpertPredictor, ExpertWeights, activation, combine_experts
-from moe_local.formats import kernels_cpu
+from moe_local.experts import ExpertPredictor, activation, combine_experts
 
 Key = Hashable
 MISS_MODES = ("transfer", "cpu", "auto")
-
-
-@dataclass
-class _Load:
-    tier: Tier
-    key: Key
-    future: Future
-    host_pin: bool = False  # the RAM copy is pinned until this GPU copy completes
 
 
 @dataclass
@@ -75,47 +75,6 @@ class _Run:
     predicted: bool = False  # a prediction was made for this layer call (recall counts its misses)
     prev: Key | None = None
     issued: set = field(default_factory=set)  # demand transfers started by this call (always misses)
-
-
-class FutureCheck:
-    """Compares the run's demanded experts with the future `--policy belady` evicts by; warns once.
-
-    Why: belady only decides eviction, so a trace of another prompt (or a run longer than the
-    recording) still gives correct tokens -- but with a wrong future, silently. Like llama.cpp on a
-    mismatched but usable input, we say so once on stderr and carry on. The demand order is the one
-    `future_from_trace` produces: per layer call, the sorted distinct experts of the pass.
-    """
-
-    def __init__(self, future: Sequence[Key], label: str | None = None) -> None:
-        self.future = list(future)
-        self.label = label or "the belady future"
-        self.pos = 0
-        self.warned = False
-
-    def demand(self, keys: Sequence[Key]) -> None:
-        if self.warned:
-            return
-        start, self.pos = self.pos, self.pos + len(keys)
-        expected = self.future[start:self.pos]
-        if list(keys) == expected:
-            return
-        self.warned = True
-        if len(expected) < len(keys):
-            what = f"the run went past the {len(self.future):,} expert uses it recorded"
-        else:
-            what = f"at expert use {start:,} the run demanded {list(keys)}, the trace has {expected}"
-        sys.stderr.write(f"warning: {self.label} does not match this run ({what}); belady now evicts by a wrong "
-                         "future: tokens are unaffected, hit rates are not the optimum\n")
-
-
-class CpuExpert:
-    """An expert computed on the CPU from its RAM copy (`--miss cpu`): x moves, the weights do not."""
-
-    def __init__(self, weights: ExpertWeights) -> None:
-        self.weights = weights
-
-    def __call__(self, x: torch.Tensor, act) -> torch.Tensor:
-        return self.weights(x.to("cpu", torch.float32), act).to(x.device, x.dtype)
 
 
 class TieredExperts:
@@ -152,8 +111,6 @@ class TieredExperts:
         self.device = torch.device(device)
         self.dtype = dtype
         self.act = activation(act)
-        self.act_name = act  # a name (or a gated activation object the grouped kernel declines)
-        self.covered: dict[int, bool] = {}  # layer -> its experts run through the CPU grouped kernel
         self.top_k = int(top_k)
         self.cuda = self.device.type == "cuda"
         self.two_tier = self.cuda if two_tier is None else bool(two_tier)
@@ -176,23 +133,23 @@ class TieredExperts:
         if self.two_tier:
             self.gpu = Tier("gpu", allocate_slab(gpu_slots, self.slot_bytes, self.device),
                             make_policy(policy, max(1, gpu_slots), future))
-            self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
             self.stats.tiers["gpu"] = TierCounters(capacity=gpu_slots)
         self.stats.tiers["ram"] = TierCounters(capacity=host_slots)
         self.compute: Tier = self.gpu if self.gpu is not None else self.host
         if self.compute.capacity < self.top_k:
             raise MoeLocalError(f"the expert cache holds {self.compute.capacity} experts, fewer than top-k = {self.top_k}")
-        self.inflight: dict[tuple[str, Key], _Load] = {}
-        self.broken: set[tuple[str, Key]] = set()  # slots whose transfer failed: never served
-        self.pending_prefetch: dict[tuple[str, Key], int] = {}  # (tier, key) -> layer it was predicted for
-        self.predictions: dict[int, set[int]] = {}  # layer -> depth-1 predicted ids, scored on arrival
-        self.pool = ThreadPoolExecutor(max_workers=max(1, io_threads), thread_name_prefix="moe-local-io")
+        self.prefetches = PrefetchBook(self.stats)
+        self.transfers = Transfers(source, self.host, self.gpu, self.device, io_threads)
+        self.slots = Slots(source, self.host, self.gpu, self.transfers, self.stats, self.prefetches.evicted,
+                           self.device, dtype)
         # transient slots one streamed (wider-than-the-cache) layer may hold at once
         self.stream_window = max(1, min(self.top_k, self.compute.capacity))
+        self.grouped = GroupedCpu(source, self.device, dtype, act)
         self.calibration: dict[str, float] = {}
-        self.auto_cpu = False
         if self.cuda and miss == "auto":
-            self._calibrate()
+            self.calibration = calibrate_miss(source, self.first_layer, self.host.slab[0, :], self.device, self.act)
+        calib = self.calibration
+        self.auto_cpu = bool(calib) and calib["cpu_expert_s"] < calib["transfer_expert_s"]
         # earlier points of the token (dense MLPs, the first MoE layer's attention) predict the first
         # MoE layer, which has no MoE layer before it; the earliest of them starts a forward pass
         sources = predictor.sources() if predictor is not None else []
@@ -206,14 +163,14 @@ class TieredExperts:
             self._new_pass(T)
         if self.trace is not None:
             self.trace.layer(layer, ids.tolist())
-        self._reap()
+        self.transfers.reap()
         keys = [(layer, e) for e in torch.unique(ids).tolist()]
         if self.future_check is not None:
             self.future_check.demand(keys)
         need = set(keys)
         tier = self.compute
         run = _Run(layer, stream=len(keys) > tier.capacity, cpu_miss=self._cpu_for_misses(T))
-        self._settle_prefetch(layer, need, run)
+        run.predicted, run.prefetched = self.prefetches.settle(layer, need)
         for k in keys:
             tier.policy.on_access(k, k in tier.table)
         if self.access_log is not None:
@@ -235,8 +192,9 @@ class TieredExperts:
             def fetch(e: int):
                 return self._fetch(run, (layer, e))
 
-            if self._grouped(layer, x):
-                y = self._combine_grouped(run, x, ids, weights, [e for _, e in keys])
+            if self.grouped.applies(layer, x):
+                one_call = not run.pending and not run.stream and not run.cpu_keys
+                y = self.grouped.combine(layer, x, ids, weights, [e for _, e in keys], fetch, one_call)
             else:
                 y = combine_experts(x, ids, weights, fetch, self.act)
             ok = True
@@ -244,47 +202,19 @@ class TieredExperts:
             self._end_run(run, ok)
         return y
 
-    def _grouped(self, layer: int, x: torch.Tensor) -> bool:
-        """CPU compute of a decode-sized batch goes through the grouped C kernel, exactly as
-        ResidentExperts over the same source does (so tokens cannot depend on what is cached)."""
-        if self.device.type != "cpu" or not kernels_cpu.grouped_applies(x, self.act_name):
-            return False
-        if layer not in self.covered:
-            sample = self.source.decode(self.source.view(layer, 0), layer, 0).to(self.device, self.dtype)
-            self.covered[layer] = kernels_cpu.expert_row(sample) is not None
-        return self.covered[layer]
-
-    def _combine_grouped(self, run: _Run, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-                         experts: list[int]) -> torch.Tensor:
-        """The layer through kernels_cpu.moe_accumulate: one call when every expert was already in
-        its slot (the decode steady state), else one call per expert as it arrives (its slot may be
-        reused by a later one). Both sum in ascending expert order: bitwise the same result."""
-        out = torch.zeros(x.shape, dtype=torch.float32)
-        rows, alive = [], []
-        one_call = not run.pending and not run.stream and not run.cpu_keys
-        for e in experts:
-            w = self._fetch(run, (run.layer, e))
-            w = w.weights if isinstance(w, CpuExpert) else w
-            row = kernels_cpu.expert_row(w)
-            if row is None:
-                raise MoeLocalError(f"layer {run.layer} expert {e}: its layout differs from expert 0's")
-            if one_call:
-                rows.append(row)
-                alive.append(w)  # a row holds raw pointers: a converted copy must outlive the call
-            else:
-                kernels_cpu.moe_accumulate(out, x, ids, weights, row[None], torch.tensor([e]), self.act_name)
-        if one_call:
-            kernels_cpu.moe_accumulate(out, x, ids, weights, torch.stack(rows), torch.tensor(experts), self.act_name)
-        return out if x.dtype == torch.float32 else out.to(x.dtype)
-
     def before_block(self, layer: int, x: torch.Tensor, site: str) -> None:
         """A dense layer's MLP (site "mlp") or the first MoE layer's attention ("attn") is about to
         run on x, its normed input: prefetch the experts the next MoE layers' routers pick for x, so
         the first MoE layer is not a guaranteed cold miss. Called by the model (ExpertPredictor.listen)."""
         if _position(layer, site) == self.pass_start:
             self._new_pass(x.shape[0])
-        self._reap()
+        self.transfers.reap()
         self._prefetch(layer, x, set(), site=site, skip_wide=True)
+
+    def _prefetch(self, layer: int, x: torch.Tensor, need: set, site: str = "mlp", skip_wide: bool = False) -> None:
+        assert self.predictor is not None
+        self.prefetches.issue(self.predictor, layer, x, need, site, skip_wide, self.compute, self.host, self.gpu,
+                              self.slots.acquire, self.slots.fill, self.trace)
 
     def report(self) -> dict:
         """The "cache" section of the run report."""
@@ -301,16 +231,13 @@ class TieredExperts:
 
     def drain(self) -> None:
         """Wait for every transfer still in flight (prefetches of the last token) and settle it."""
-        for name, key in list(self.inflight):
-            tier = self.gpu if name == "gpu" else self.host
-            self._finish_load(tier, key, wait=True, swallow=True)
+        self.transfers.drain()
 
     def close(self) -> None:
         if self._stop_listening is not None:
             self._stop_listening()
             self._stop_listening = None
-        self.drain()
-        self.pool.shutdown(wait=True)
+        self.transfers.close()
         if self.trace is not None:
             self.trace.close()
 
@@ -336,11 +263,11 @@ class TieredExperts:
     def _unhold(self, run: _Run, tier: Tier, key: Key) -> None:
         run.held.remove((tier, key))
         tier.table.unpin(key)
-        self._purge(tier, key)
+        self.transfers.purge(tier, key)
         if key in tier.table.transient and tier.table.pins[key] == 0:
-            self._finish_load(tier, key, wait=True)
+            self.transfers.finish(tier, key)
             slot = tier.table.release(key)
-            self._mark_slot_free(tier, slot)
+            self.transfers.mark_slot_free(tier, slot)
 
     def _issue_pending(self, run: _Run, must: Key | None = None) -> None:
         """Give slots to the call's missing experts, in order, and start their transfers.
@@ -353,19 +280,20 @@ class TieredExperts:
             k = run.pending[0]
             block = k == must
             if run.cpu_miss:
-                if not self._ensure_host(k, run, block=block, demand=True):
+                if not self.slots.ensure_host(k, block=block, demand=True):
                     return
+                self._hold(run, self.host, k)
                 run.cpu_keys.add(k)
             else:
                 if run.stream and not block and len(tier.table.transient) >= self.stream_window:
                     return  # a wide prefill layer streams through a few slots: it must not flush the cache
                 soft = {j for j in run.later if j != k}
-                slot = self._acquire(tier, k, soft=soft, transient=run.stream, block=block)
+                slot = self.slots.acquire(tier, k, soft=soft, transient=run.stream, block=block)
                 if slot is None:
                     return
                 self._hold(run, tier, k)
                 run.issued.add(k)
-                if not self._issue(tier, k, demand=True, block=block):
+                if not self.slots.fill(tier, k, demand=True, block=block):
                     self._unhold(run, tier, k)  # releases a transient slot
                     if k in tier.table:
                         tier.table.release(k)
@@ -402,20 +330,19 @@ class TieredExperts:
         st = self.stats
         if key in run.cpu_keys:
             t0 = time.perf_counter()
-            self._finish_load(self.host, key, wait=True)
+            self.transfers.finish(self.host, key)
             st.stall_s += time.perf_counter() - t0
             st.use(run.layer, False)
             st.tiers["gpu"].misses += 1
             st.cpu_computed += 1
             if key not in run.prefetched and run.predicted:
                 st.uncovered_misses += 1
-            return CpuExpert(self._weights(self.host, key, torch.device("cpu"), torch.float32))
+            return CpuExpert(self.slots.weights(self.host, key, torch.device("cpu"), torch.float32))
         tier = self.compute
-        load = self.inflight.get((tier.name, key))
-        hit = key not in run.issued and (load is None or _arrived(load))
-        if load is not None:
+        hit = key not in run.issued and self.transfers.arrived(tier, key)
+        if (tier.name, key) in self.transfers.inflight:
             t0 = time.perf_counter()
-            self._finish_load(tier, key, wait=True)
+            self.transfers.finish(tier, key)
             st.stall_s += time.perf_counter() - t0
         if key in run.prefetched:
             st.prefetch_late += not hit
@@ -427,332 +354,15 @@ class TieredExperts:
         counters.misses += not hit
         if key in tier.table.transient:
             st.streamed_uses += 1
-        return self._weights(tier, key, self.device, self.dtype)
+        return self.slots.weights(tier, key, self.device, self.dtype)
 
     def _end_run(self, run: _Run, ok: bool) -> None:
         for tier, k in list(run.held):
             if not ok:
-                self._finish_load(tier, k, wait=True, swallow=True)
+                self.transfers.finish(tier, k, swallow=True)
             self._unhold(run, tier, k)
-
-    # ------------------------------------------------------------------ slots and transfers
-    def _inflight_keys(self, tier: Tier) -> set:
-        """Keys whose slot in `tier` is being written (or, for RAM, read by a GPU copy)."""
-        return {k for (name, k), load in self.inflight.items()
-                if name == tier.name or (tier is self.host and load.host_pin)}
-
-    def _acquire(self, tier: Tier, key: Key, hard: set = frozenset(), soft: set = frozenset(),
-                 transient: bool = False, block: bool = True) -> int | None:
-        """A slot for `key`: a free one, or the policy's victim among keys nobody needs now."""
-        while not tier.table.has_free:
-            pinned = tier.table.pinned() | self._inflight_keys(tier) | set(hard)
-            victim = tier.policy.victim(tier.table.cached_keys(), pinned | set(soft))
-            if victim is None and soft:
-                victim = tier.policy.victim(tier.table.cached_keys(), pinned)
-            if victim is not None:
-                self._evict(tier, victim)
-                break
-            if not block or not self._wait_one(tier):
-                if block:
-                    raise MoeLocalError(f"the {tier.name} expert cache has no slot that can be freed (all pinned)")
-                return None
-        slot = tier.table.assign(key, transient=transient)
-        tier.decoded.pop(slot, None)
-        if not transient:
-            tier.policy.on_insert(key)
-        return slot
-
-    def _evict(self, tier: Tier, key: Key) -> None:
-        slot = tier.table.release(key)
-        tier.policy.on_remove(key)
-        tier.decoded.pop(slot, None)
-        self.stats.tiers[tier.name].evictions += 1
-        self._mark_slot_free(tier, slot)
-        if self.pending_prefetch.pop((tier.name, key), None) is not None:
-            self.stats.prefetch_wasted += 1
-
-    def _mark_slot_free(self, tier: Tier, slot: int) -> None:
-        """GPU: the next copy into this slot must wait for every kernel already queued that reads it."""
-        tier.decoded.pop(slot, None)
-        if tier is self.gpu and self.cuda:
-            ev = torch.cuda.Event()
-            ev.record(torch.cuda.current_stream(self.device))
-            tier.free_events[slot] = ev
-
-    def _issue(self, tier: Tier, key: Key, demand: bool, block: bool) -> bool:
-        """Start filling `key`'s (already assigned) slot in `tier`. False if no RAM slot was available."""
-        n = self.source.expert_nbytes(*key)
-        if tier is self.host:
-            fut = self.pool.submit(self._read, key, self.host.buffer(key, n))
-            self.inflight[("ram", key)] = _Load(tier, key, fut)
-            self.stats.disk_to_ram += n
-            return True
-        host, st = self.host, self.stats
-        slot = tier.table.slot_of[key]
-        dbuf = tier.slab[slot, :n]
-        free_ev = tier.free_events.pop(slot, None)
-        if key in host.table:
-            if demand:
-                host.policy.on_access(key, True)
-                st.tiers["ram"].hits += 1
-            host.table.pin(key)
-            hload = self.inflight.get(("ram", key))
-            hbuf = host.buffer(key, n)
-            if hload is None:
-                fut: Future = Future()
-                fut.set_result(self._copy(hbuf, dbuf, free_ev))
-            else:
-                fut = self.pool.submit(self._copy_after, hload.future, hbuf, dbuf, free_ev)
-        else:
-            if demand:
-                host.policy.on_access(key, False)
-                st.tiers["ram"].misses += 1
-            if self._acquire(host, key, block=block) is None:
-                if free_ev is not None:
-                    tier.free_events[slot] = free_ev
-                return False
-            host.table.pin(key)
-            hbuf = host.buffer(key, n)
-            fut = self.pool.submit(self._read_copy, key, hbuf, dbuf, free_ev)
-            self.inflight[("ram", key)] = _Load(host, key, fut)
-            st.disk_to_ram += n
-        self.inflight[(tier.name, key)] = _Load(tier, key, fut, host_pin=True)
-        st.ram_to_gpu += n
-        return True
-
-    def _ensure_host(self, key: Key, run: _Run, block: bool, demand: bool) -> bool:
-        """`--miss cpu`: make sure the expert's RAM copy exists (or is on its way) and pin it."""
-        host = self.host
-        if key in host.table:
-            if demand:
-                host.policy.on_access(key, True)
-                self.stats.tiers["ram"].hits += 1
-        else:
-            if demand:
-                host.policy.on_access(key, False)
-                self.stats.tiers["ram"].misses += 1
-            if self._acquire(host, key, block=block) is None:
-                return False
-            self._issue(host, key, demand=demand, block=block)
-        self._hold(run, host, key)
-        return True
-
-    # runs on I/O threads -------------------------------------------------
-    def _read(self, key: Key, hbuf: torch.Tensor) -> None:
-        self.source.read_into(key[0], key[1], hbuf, verify=True)
-        return None
-
-    def _copy(self, hbuf: torch.Tensor, dbuf: torch.Tensor, free_ev) -> Any:
-        if not self.cuda:  # simulated device tier (tests): a plain synchronous copy
-            dbuf.copy_(hbuf)
-            return None
-        with torch.cuda.device(self.device), torch.cuda.stream(self.copy_stream):  # I/O threads: set both
-            if free_ev is not None:
-                self.copy_stream.wait_event(free_ev)
-            dbuf.copy_(hbuf, non_blocking=True)
-            ev = torch.cuda.Event()
-            ev.record(self.copy_stream)
-        return ev
-
-    def _copy_after(self, host_future: Future, hbuf, dbuf, free_ev) -> Any:
-        host_future.result()
-        return self._copy(hbuf, dbuf, free_ev)
-
-    def _read_copy(self, key: Key, hbuf, dbuf, free_ev) -> Any:
-        self._read(key, hbuf)
-        return self._copy(hbuf, dbuf, free_ev)
-
-    # completion ------------------------------------------------------------
-    def _finish_load(self, tier: Tier, key: Key, wait: bool, swallow: bool = False) -> None:
-        """Wait for (or reap) the transfer into `key`'s slot; on failure drop the key and re-raise."""
-        load = self.inflight.get((tier.name, key))
-        if load is None:
-            return
-        try:
-            ev = load.future.result()
-            if ev is not None:
-                ev.synchronize()
-        except BaseException:
-            self._drop_failed(load)
-            if swallow:
-                return
-            raise
-        self._complete(load)
-
-    def _complete(self, load: _Load) -> None:
-        self.inflight.pop((load.tier.name, load.key), None)
-        if load.host_pin:
-            self.host.table.unpin(load.key)
-            hload = self.inflight.get(("ram", load.key))
-            if hload is not None and hload.future is load.future:
-                self.inflight.pop(("ram", load.key))
-        self._purge(load.tier, load.key)
-        self._purge(self.host, load.key)
-
-    def _drop_failed(self, load: _Load) -> None:
-        """A failed read (checksum, I/O error): the slot holds garbage, so the key leaves the tier(s)
-        as soon as nobody holds it (see `_purge`); a later demand reads it again and fails loudly."""
-        self._complete(load)
-        for tier in (load.tier, self.host):
-            key = load.key
-            if key not in tier.table:
-                continue
-            self.broken.add((tier.name, key))
-            other = self.inflight.get((tier.name, key))
-            if other is not None and other.future.done():
-                self._complete(other)
-            self._purge(tier, key)
-
-    def _purge(self, tier: Tier, key: Key) -> None:
-        if (tier.name, key) not in self.broken or key not in tier.table:
-            return
-        if tier.table.pins[key] > 0 or (tier.name, key) in self.inflight:
-            return
-        self.broken.discard((tier.name, key))
-        transient = key in tier.table.transient
-        slot = tier.table.release(key)
-        if not transient:
-            tier.policy.on_remove(key)
-        self._mark_slot_free(tier, slot)
-
-    def _reap(self) -> None:
-        for load in list(self.inflight.values()):
-            if (load.tier.name, load.key) not in self.inflight or not load.future.done():
-                continue
-            if load.future.exception() is not None:
-                if load.tier.table.pins[load.key] == 0:
-                    self._drop_failed(load)
-                continue
-            ev = load.future.result()
-            if ev is None or ev.query():
-                self._complete(load)
-
-    def _wait_one(self, tier: Tier) -> bool:
-        """Block until the oldest transfer that holds a slot of `tier` completes (it may free one):
-        a transfer into the tier, or (RAM tier) a GPU copy still reading its RAM slot. False if none."""
-        for (name, key), load in list(self.inflight.items()):
-            if name == tier.name or (tier is self.host and load.host_pin):
-                self._finish_load(load.tier, key, wait=True, swallow=True)
-                return True
-        return False
-
-    def _weights(self, tier: Tier, key: Key, device: torch.device, dtype: torch.dtype | None):
-        slot = tier.table.slot_of[key]
-        cached = tier.decoded.get(slot) if device == self.device else None
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        raw = self.source.decode(tier.buffer(key, self.source.expert_nbytes(*key)), *key)
-        w = raw.to(device, dtype)
-        if device == self.device and all(_same_memory(a, b) for a, b in
-                                         zip((raw.gate, raw.up, raw.down), (w.gate, w.up, w.down))):
-            tier.decoded[slot] = (key, w)  # a pure view of the slot: safe to keep while the slot is
-        return w
-
-    # ------------------------------------------------------------------ prefetch
-    def _settle_prefetch(self, layer: int, need: set, run: _Run) -> None:
-        st = self.stats
-        pred = self.predictions.pop(layer, None)
-        run.predicted = pred is not None or any(t == layer for t in self.pending_prefetch.values())
-        if pred is not None:
-            st.actual_scored += len(need)
-            st.predicted_right += sum(1 for (_, e) in need if e in pred)
-        for tk, target in list(self.pending_prefetch.items()):
-            if target != layer:
-                continue
-            del self.pending_prefetch[tk]
-            if tk[1] in need:
-                st.prefetch_used += 1
-                run.prefetched.add(tk[1])
-            else:
-                st.prefetch_wasted += 1
-
-    def _prefetch(self, layer: int, x: torch.Tensor, need: set, site: str = "mlp", skip_wide: bool = False) -> None:
-        """Prefetch predicted experts of later layers into free or evictable slots, never evicting
-        anything this layer needs or anything already prefetched for a layer still to come.
-
-        skip_wide: skip a target whose prediction does not fit its tier (a wide prefill chunk will
-        stream that layer anyway; prefetching it would only flush the cache). MoE layers get the
-        same effect by not prefetching while they stream themselves."""
-        assert self.predictor is not None
-        for depth, target, ranked in self.predictor.predict(layer, x, site):
-            if self.trace is not None:
-                self.trace.predicted_ids(depth, target, ranked)
-            if depth == 1:
-                self.predictions[target] = set(ranked)
-            tier = self.compute if depth == 1 else self.host
-            if skip_wide and len(ranked) > tier.capacity:
-                continue
-            protect = set(need) | {k for (name, k) in self.pending_prefetch if name == tier.name}
-            for e in ranked:
-                k = (target, e)
-                if k in tier.table or (tier is self.host and self.gpu is not None and k in self.gpu.table):
-                    protect.add(k)  # famB2: a predicted expert already here must not make room for the next one
-                    continue
-                if self._acquire(tier, k, hard=protect, block=False) is None:
-                    break
-                if not self._issue(tier, k, demand=False, block=False):
-                    tier.table.release(k)
-                    tier.policy.on_remove(k)
-                    break
-                self.stats.prefetch_issued += 1
-                self.pending_prefetch[(tier.name, k)] = target
-                protect.add(k)
-
-    # ------------------------------------------------------------------ start-up calibration
-    def _calibrate(self) -> None:
-        """`--miss auto`: time one expert's RAM -> GPU copy against computing it on the CPU."""
-        layer = self.moe_layers[0]
-        n = self.source.expert_nbytes(layer, 0)
-        hbuf = self.host.slab[0, :n]
-        self.source.read_into(layer, 0, hbuf, verify=True)
-        bw = measure_h2d_bandwidth(n, self.device, hbuf)
-        w = self.source.decode(hbuf, layer, 0).to("cpu", torch.float32)
-        hidden = w.down.shape[0]
-        x = torch.randn(1, hidden)
-        w(x, self.act)
-        t0 = time.perf_counter()
-        for _ in range(3):
-            w(x, self.act)
-        cpu_s = (time.perf_counter() - t0) / 3
-        transfer_s = n / bw
-        self.calibration = {"h2d_bytes_per_s": bw, "cpu_expert_s": cpu_s, "transfer_expert_s": transfer_s}
-        self.auto_cpu = cpu_s < transfer_s
 
 
 def _position(layer: int, site: str) -> tuple[int, int]:
     """Execution order of a point in the model: a layer's attention input comes before its MLP's."""
     return (layer, 0 if site == "attn" else 1)
-
-
-def _arrived(load: _Load) -> bool:
-    """The transfer is complete (a prefetch that arrived in time is an effective hit)."""
-    if not load.future.done() or load.future.exception() is not None:
-        return False
-    ev = load.future.result()
-    return ev is None or ev.query()
-
-
-def _same_memory(a, b) -> bool:
-    """True when `b` (after .to(device, dtype)) still views `a`'s bytes: no copy was made."""
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.data_ptr() == b.data_ptr()
-    pa, pb = getattr(a, "packed", None), getattr(b, "packed", None)
-    if pa is None or pb is None or pa.keys() != pb.keys():
-        return a is b
-    return all(pa[k].data_ptr() == pb[k].data_ptr() for k in pa)
-
-
-def measure_h2d_bandwidth(nbytes: int, device: torch.device, src: torch.Tensor | None = None, reps: int = 5) -> float:
-    """Pinned host -> device bytes/s, timed with CUDA events (the roofline's denominator)."""
-    src = src if src is not None else torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst.copy_(src, non_blocking=True)
-    torch.cuda.synchronize(device)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        dst.copy_(src, non_blocking=True)
-    end.record()
-    torch.cuda.synchronize(device)
-    del dst
-    return nbytes * reps / (start.elapsed_time(end) / 1000.0)
