@@ -179,5 +179,11 @@ def parse_prometheus(text: str) -> dict[str, dict[tuple, float]]:
     return samples
 
 
-def value(samples: dict, name: str, **labels: str) -> float:
-    return samples[name][tuple(sorted(labels.items()))]
+def value(samples: dict, name: str, absent: float | None = None, **labels: str) -> float:
+    """One sample's value; `absent` for a label set the server has not counted yet (Prometheus
+    exports a labelled counter only once it has been incremented), otherwise a missing one fails."""
+    series = samples.get(name, {})
+    key = tuple(sorted(labels.items()))
+    if absent is not None and key not in series:
+        return absent
+    return series[key] if absent is not None else samples[name][key]

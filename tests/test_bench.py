@@ -142,3 +142,16 @@ def test_missing_model_and_bad_output_dir(tiny, tmp_path):
 
 def test_bandwidth_measurement_is_positive():
     assert measure_read_bandwidth(1, nbytes=64 << 20, passes=2) > 0.1
+
+
+def test_dense_int4_pack_counts_packed_dense_bytes(tiny, tmp_path):
+    """A `--dense int4` pack holds its matrices (embedding and LM head included) packed: bench counts
+    them at their packed bytes (one row of the embedding table), about an eighth of float32's."""
+    pack = tmp_path / "dense-int4"
+    result = runner.invoke(app, ["quantize", str(tiny), str(pack), "--scheme", "int4", "--dense", "int4"])
+    assert result.exit_code == 0, result.output
+    out = bench_json(pack, "--experts", "resident")
+    check_figures(out)
+    float_dense, _ = expected_bytes_per_token(tiny)
+    assert 0 < out["dense_bytes_per_token"] < float_dense / 4
+    assert out["bytes_per_token"] == out["dense_bytes_per_token"] + out["expert_bytes_per_token"]

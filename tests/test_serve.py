@@ -370,7 +370,7 @@ def test_metrics_parse_and_move_after_a_request(http, client, server):
     assert value(after, "moe_local_ttft_seconds_count") == value(before, "moe_local_ttft_seconds_count") + 1
     assert value(after, "moe_local_token_latency_seconds_count") == value(before, "moe_local_token_latency_seconds_count") + 4
     key = dict(method="POST", path="/v1/chat/completions", status="200")
-    assert value(after, "moe_local_requests_total", **key) == value(before, "moe_local_requests_total", **key) + 1
+    assert value(after, "moe_local_requests_total", **key) == value(before, "moe_local_requests_total", absent=0, **key) + 1
     # ...and one log line for it, with its tokens and timings.
     line = server.wait_for_line(lambda l: "POST /v1/chat/completions 200" in l, T, start)
     assert f"prompt {r.usage.prompt_tokens} tokens" in line and "completion 5 tokens" in line

@@ -181,8 +181,9 @@ def dense_bytes_per_token(lm: LoadedModel) -> int:
     total = module_bytes(lm.model)
     emb = lm.model.model.embed_tokens.weight
     if emb is not lm.model.lm_head.weight:
-        row = emb.shape[1] * emb.element_size()
-        total -= emb.numel() * emb.element_size() - row
+        # a float table or a `--dense`-packed one (PackedWeight: its stored bytes); rows are equal-sized
+        held = emb.numel() * emb.element_size() if isinstance(emb, torch.Tensor) else int(emb.nbytes)
+        total -= held - held // emb.shape[0]
     return total
 
 
