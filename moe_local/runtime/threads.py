@@ -6,7 +6,7 @@ user has set it, as they would for any OpenMP program.
 
 Two pools compute on the CPU: torch's intra-op OpenMP pool (attention, norms, the float matmuls it
 still does, prefill's GEMMs) and the C kernel pool of `moe_local.formats.kernels_cpu` (the packed
-and bf16 GEMVs) where that module exists. Both get `n` threads. They take turns, so they do not
+and bf16 GEMVs). Both get `n` threads. They take turns, so they do not
 compete as long as an idle OpenMP thread sleeps instead of spinning: the CLI makes OpenMP wait
 passively (moe_local/cli/__init__.py), and with that a second thread doubled decode speed where
 spinning made it 15x slower (benchmarks/dense_decode.py: 0.34 tok/s at 1 thread, 0.76 at 2
@@ -16,12 +16,12 @@ would give torch fewer.
 
 from __future__ import annotations
 
-import importlib
 import os
 
 import torch
 
 from moe_local.errors import MoeLocalError
+from moe_local.formats import kernels_cpu
 
 
 def default_threads() -> int:
@@ -62,12 +62,7 @@ def apply_threads(n: int | None) -> int:
     if n is None:
         return torch.get_num_threads()
     torch.set_num_threads(torch_threads(n))
-    try:
-        kernels = importlib.import_module("moe_local.formats.kernels_cpu")
-    except ImportError:  # the C kernels are not in this build: torch computes everything
-        kernels = None
-    if kernels is not None and hasattr(kernels, "set_threads"):
-        kernels.set_threads(n)
+    kernels_cpu.set_threads(n)  # a no-op where the C extension was not built (torch computes everything)
     return n
 
 
