@@ -336,15 +336,21 @@ class CausalLM(nn.Module):
             self._taps[layer] = tap
 
     # ------------------------------------------------------------ running
-    @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, start: int = 0, last_only: bool = False,
-                on_layer: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
-        """tokens: [T] ids at positions start..start+T-1. Returns float32 logits [T, vocab] (or [1, vocab])."""
+    def _begin_forward(self, tokens: torch.Tensor, start: int) -> int:
+        """What every forward does first (families that override `forward` too): refuse a sequence
+        past the cache and mark the cache as changed. Returns T."""
         T = tokens.shape[0]
         if start + T > self.max_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds the cache of {self.max_len}")
         assert self.rope is not None
         self.kv_version += 1
+        return T
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, start: int = 0, last_only: bool = False,
+                on_layer: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+        """tokens: [T] ids at positions start..start+T-1. Returns float32 logits [T, vocab] (or [1, vocab])."""
+        T = self._begin_forward(tokens, start)
         rope = self.rope(start, T)
         x = self.model.embed_tokens(tokens, self.run_dtype)
         for i, layer in enumerate(self.model.layers):

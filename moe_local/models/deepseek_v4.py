@@ -379,11 +379,7 @@ class DeepseekV4(CausalLM):
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start: int = 0, last_only: bool = False,
                 on_layer: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
-        T = tokens.shape[0]
-        if start + T > self.max_len:
-            raise ValueError(f"sequence of {start + T} tokens exceeds the cache of {self.max_len}")
-        assert self.rope is not None
-        self.kv_version += 1
+        T = self._begin_forward(tokens, start)
         self.tokens.ids = tokens
         streams = self._streams(tokens)
         for i, layer in enumerate(self.model.layers):
