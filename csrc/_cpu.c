@@ -186,15 +186,21 @@ static int first_expert(const MoeCtx *m, int64_t item, int down) {
     return lo;
 }
 
+/* The rows [r0, r1) of one expert's `rows`-row matrix, which starts at item `start` of the layer's
+ * work, that fall inside the pool's chunk [b, e); 0 when none do. */
+static int own_rows(int64_t b, int64_t e, int64_t start, int64_t rows, int64_t *r0, int64_t *r1) {
+    *r0 = b - start < 0 ? 0 : b - start;
+    *r1 = e - start > rows ? rows : e - start;
+    return *r0 < *r1;
+}
+
 static void gate_up_task(void *c, int64_t b, int64_t e) {
     MoeCtx *m = (MoeCtx *)c;
     for (int i = first_expert(m, b, 0); i < m->n && m->ex[i].start1 < e; i++) {
         MoeExpert *x = &m->ex[i];
         const int64_t I = x->gate.rows;
-        int64_t r0 = b - x->start1, r1 = e - x->start1;
-        if (r0 < 0) r0 = 0;
-        if (r1 > I) r1 = I;
-        if (r0 >= r1) continue;
+        int64_t r0, r1;
+        if (!own_rows(b, e, x->start1, I, &r0, &r1)) continue;
         m->isa->rows(&x->gate, &x->xg, r0, r1, x->g, I);
         m->isa->rows(&x->up, &x->xu, r0, r1, x->u, I);
         for (int t = 0; t < x->T; t++)
@@ -207,10 +213,8 @@ static void down_task(void *c, int64_t b, int64_t e) {
     for (int i = first_expert(m, b, 1); i < m->n && m->ex[i].start2 < e; i++) {
         MoeExpert *x = &m->ex[i];
         const int64_t H = x->down.rows;
-        int64_t r0 = b - x->start2, r1 = e - x->start2;
-        if (r0 < 0) r0 = 0;
-        if (r1 > H) r1 = H;
-        if (r0 >= r1) continue;
+        int64_t r0, r1;
+        if (!own_rows(b, e, x->start2, H, &r0, &r1)) continue;
         m->isa->rows(&x->down, &x->xd, r0, r1, x->y, H);
     }
 }
