@@ -125,6 +125,9 @@ FORMATS = {
     # (experts g64: 4.375 bits/weight, dense int4 g32), the same bytes per token as llama.cpp reads.
     "q4_0-all": Format("q4_0-all", "Q4_0", ["--scheme", "int4", "--group-size", "64", "--dense", "int4"],
                        "int4g64-dense-int4", "int4 g64, dense int4 g32"),
+    # likewise for Q8_0: experts int8 per channel and every dense matrix int8 (--dense int8)
+    "q8_0-all": Format("q8_0-all", "Q8_0", ["--scheme", "int8", "--dense", "int8"], "int8-dense-int8",
+                       "int8, dense int8"),
     "tq1_0": Format("tq1_0", "TQ1_0", ["--scheme", "ternary"], "ternary", "ternary"),
     "tq2_0": Format("tq2_0", "TQ2_0", ["--scheme", "ternary"], "ternary", "ternary"),
 }

@@ -96,7 +96,16 @@ static void prep_x(const IsaKernels *isa, const WDesc *w, int T, const float *sr
                 for (; k < g; k++) d[base + k] = base + k < cols ? x[base + k] : 0.0f;
             }
         }
+        if (w->kind == K_INT4) {
+            float *xs = buf + T * len + t * w->ng;
+            for (int64_t gi = 0; gi < w->ng; gi++) {
+                float s = 0.0f;
+                for (int64_t k = 0; k < g; k++) s += d[gi * g + k];
+                xs[gi] = s;
+            }
+        }
     }
+    xp->xs = buf + T * len;
     xp->T = T;
     xp->len = len;
     xp->ng = w->ng;
@@ -116,7 +125,7 @@ static PyObject *py_linear(PyObject *self, PyObject *args) {
     long long dp, xp_, yp;
     int T;
     if (!PyArg_ParseTuple(args, "LLiL", &dp, &xp_, &T, &yp)) return NULL;
-    if (T < 1 || T > MAX_T) { PyErr_Format(PyExc_ValueError, "linear: batch %d outside 1..%d", T, MAX_T); return NULL; }
+    if (T < 1) { PyErr_Format(PyExc_ValueError, "linear: batch %d < 1", T); return NULL; }
     WDesc w;
     desc_from((const int64_t *)(intptr_t)dp, &w);
     const IsaKernels *isa = ISA;
@@ -177,6 +186,14 @@ typedef struct {
 
 typedef struct { const IsaKernels *isa; MoeExpert *ex; int n; int act; } MoeCtx;
 
+typedef struct { int64_t key, row, tok; float w; } Pair;  /* one routed (expert, token) */
+
+static int pair_cmp(const void *a, const void *b) {
+    const Pair *p = (const Pair *)a, *q = (const Pair *)b;
+    if (p->key != q->key) return p->key < q->key ? -1 : 1;
+    return p->tok < q->tok ? -1 : p->tok > q->tok;
+}
+
 static int first_expert(const MoeCtx *m, int64_t item, int down) {
     int lo = 0, hi = m->n - 1;  /* last expert whose start <= item */
     while (lo < hi) {
@@ -224,7 +241,7 @@ static PyObject *py_moe(PyObject *self, PyObject *args) {
     int T, k, n_table, act;
     if (!PyArg_ParseTuple(args, "LLiLLiLLii", &outp, &xp_, &T, &idsp, &wtsp, &k, &tabp, &tidp, &n_table, &act))
         return NULL;
-    if (T < 1 || T > MAX_T || k < 1) { PyErr_Format(PyExc_ValueError, "moe: batch %d outside 1..%d", T, MAX_T); return NULL; }
+    if (T < 1 || k < 1) { PyErr_Format(PyExc_ValueError, "moe: batch %d, top-k %d", T, k); return NULL; }
     const int64_t *ids = (const int64_t *)(intptr_t)idsp;
     const float *wts = (const float *)(intptr_t)wtsp;
     const int64_t *table = (const int64_t *)(intptr_t)tabp;
@@ -234,12 +251,11 @@ static PyObject *py_moe(PyObject *self, PyObject *args) {
 
     /* (table row, token, weight) of every routed pair whose expert is in the table, sorted by
      * (expert, token): the order the outputs are summed in, whatever the table holds. */
-    const int np_all = T * k;
-    int64_t *pr = malloc(sizeof(int64_t) * 2 * np_all);
-    float *pw = malloc(sizeof(float) * np_all);
-    if (!pr || !pw) { free(pr); free(pw); return PyErr_NoMemory(); }
-    int np = 0;
-    for (int i = 0; i < np_all; i++) {
+    const int64_t np_all = (int64_t)T * k;
+    Pair *pr = malloc(sizeof(Pair) * (np_all > 0 ? np_all : 1));
+    if (!pr) return PyErr_NoMemory();
+    int64_t np = 0;
+    for (int64_t i = 0; i < np_all; i++) {
         int64_t e = ids[i], row = -1;
         if (!tids) row = (e >= 0 && e < n_table) ? e : -1;
         else {
@@ -251,38 +267,32 @@ static PyObject *py_moe(PyObject *self, PyObject *args) {
             }
         }
         if (row < 0) continue;
-        int64_t key = tids ? tids[row] : row, tok = i / k;
-        int j = np++;
-        while (j > 0) {  /* insertion sort by (expert id, token) */
-            int64_t pk = tids ? tids[pr[2 * (j - 1)]] : pr[2 * (j - 1)];
-            if (pk < key || (pk == key && pr[2 * (j - 1) + 1] <= tok)) break;
-            pr[2 * j] = pr[2 * (j - 1)];
-            pr[2 * j + 1] = pr[2 * (j - 1) + 1];
-            pw[j] = pw[j - 1];
-            j--;
-        }
-        pr[2 * j] = row;
-        pr[2 * j + 1] = tok;
-        pw[j] = wts[i];
+        pr[np].key = tids ? tids[row] : row;
+        pr[np].row = row;
+        pr[np].tok = i / k;
+        pr[np].w = wts[i];
+        np++;
     }
+    qsort(pr, (size_t)np, sizeof(Pair), pair_cmp);
+    /* one work item per expert and block of up to MAX_T of its tokens (a token's result does not
+     * depend on its block: the kernels compute each (row, token) the same way for any batch) */
     MoeExpert *ex = calloc(np > 0 ? np : 1, sizeof(MoeExpert));
-    if (!ex) { free(pr); free(pw); return PyErr_NoMemory(); }
+    if (!ex) { free(pr); return PyErr_NoMemory(); }
     int n = 0;
-    for (int i = 0; i < np; i++) {
-        if (n == 0 || pr[2 * i] != pr[2 * (i - 1)]) {
-            const int64_t *d = table + pr[2 * i] * 3 * DESC_N;
+    for (int64_t i = 0; i < np; i++) {
+        if (n == 0 || pr[i].row != pr[i - 1].row || ex[n - 1].T == MAX_T) {
+            const int64_t *d = table + pr[i].row * 3 * DESC_N;
             desc_from(d, &ex[n].gate);
             desc_from(d + DESC_N, &ex[n].up);
             desc_from(d + 2 * DESC_N, &ex[n].down);
             n++;
         }
         MoeExpert *e = &ex[n - 1];
-        e->tok[e->T] = pr[2 * i + 1];
-        e->wt[e->T] = pw[i];
+        e->tok[e->T] = pr[i].tok;
+        e->wt[e->T] = pr[i].w;
         e->T++;
     }
     free(pr);
-    free(pw);
     if (n == 0) { free(ex); Py_RETURN_NONE; }
     const int64_t H = ex[0].down.rows;
     /* one scratch block: prepared x for gate/up/down, g, u, y of every expert */

@@ -15,7 +15,7 @@
 enum { K_F32 = 0, K_BF16 = 1, K_F16 = 2, K_INT8 = 3, K_INT4 = 4, K_NF4 = 5, K_TERNARY = 6 };
 enum { S_F32 = 0, S_BF16 = 1, S_F16 = 2 };
 #define DESC_N 10   /* int64 fields of one weight descriptor (see descriptor() in kernels_cpu.py) */
-#define MAX_T 16    /* tokens one fused call handles (larger batches take the dequantize + matmul path) */
+#define MAX_T 64    /* tokens of one expert one grouped-layer work item carries (more: several items) */
 #define SUB 256     /* codes decoded at once by the generic kernels (a multiple of 32) */
 
 typedef struct {
@@ -33,6 +33,7 @@ typedef struct {
     int64_t len;            /* floats per token: ng * g (float kinds: cols) */
     int64_t ng;
     const float *x;         /* [T][len]; nibble kinds: each full 32-block of a group permuted (evens, odds) */
+    const float *xs;        /* int4: [T][ng] the sum of each group of x (zero points folded out) */
 } XPrep;
 
 typedef void (*rows_fn)(const WDesc *w, const XPrep *x, int64_t r0, int64_t r1, float *y, int64_t ldy);

@@ -24,7 +24,7 @@ SCHEMES = [
 # odd sizes: rows not a multiple of any tile, in-features not a multiple of the group (or of 16),
 # a row narrower than one group
 SHAPES = [(37, 200), (64, 256), (33, 50), (130, 1000), (5, 2048)]
-BATCHES = [1, 3, 17, 64]
+BATCHES = [1, 3, 4, 5, 17, 64, 300]  # 1..4: one token block; 300: the GEMM path (>= GEMM_MIN_BATCH)
 
 
 @pytest.fixture(autouse=True)
@@ -116,7 +116,7 @@ def routing(T, n, k, seed=0):
 @needs_ext
 @pytest.mark.parametrize("isa", kernels_cpu.isas())
 @pytest.mark.parametrize("name,params", [("int4", {"group_size": 32}), ("int8", {}), ("bf16", {}), ("ternary", {})])
-@pytest.mark.parametrize("T", [1, 3])
+@pytest.mark.parametrize("T", [1, 3, 200])  # 200: experts get more than one work item of _cpu.MAX_T tokens
 def test_grouped_layer_matches_the_generic_loop(isa, name, params, T):
     kernels_cpu.set_isa(isa)
     experts = experts_of(name, params)
@@ -146,6 +146,37 @@ def test_grouped_layer_does_not_depend_on_threads_or_on_which_experts_share_a_ca
             kernels_cpu.moe_accumulate(apart, x, ids, weights, rows[e : e + 1], torch.tensor([e]), "silu")
         results += [whole, apart]
     assert all(torch.equal(results[0], r) for r in results[1:])
+
+
+needs_avx512 = pytest.mark.skipif(kernels_cpu._cpu is None or "avx512" not in kernels_cpu.isas(),
+                                  reason="the AVX-512 kernels need an AVX-512 CPU")
+
+
+@needs_avx512
+@pytest.mark.parametrize("name,params", [s for s in SCHEMES if not s[0].startswith("ternary")],
+                         ids=[f"{n}-{p.get('group_size')}" for n, p in SCHEMES if not n.startswith("ternary")])
+def test_avx512_a_token_computes_the_same_bits_in_any_batch(name, params):
+    """On AVX-512 a prompt's tokens get exactly what decoding them one at a time would get: each
+    (row, token) is computed by the same operations whatever the batch (up to GEMM_MIN_BATCH)."""
+    kernels_cpu.set_isa("avx512")
+    for shape in SHAPES:
+        pw = packed(name, params, shape)
+        x = torch.randn(11, shape[1], generator=torch.Generator().manual_seed(1))
+        whole = pw.linear(x)
+        for t in range(x.shape[0]):
+            assert torch.equal(whole[t], pw.linear(x[t:t + 1])[0]), (shape, t)
+
+
+@needs_avx512
+def test_avx512_grouped_layer_gives_a_prompt_the_bits_of_token_by_token_decoding():
+    kernels_cpu.set_isa("avx512")
+    experts = experts_of("int4", {"group_size": 32}, n=4)
+    kernel = kernels_cpu.layer_kernel(experts, "silu")
+    x = torch.randn(150, 96)
+    ids, weights = routing(150, 4, 2)
+    whole = kernel(x, ids, weights)
+    for t in range(0, 150, 7):
+        assert torch.equal(whole[t], kernel(x[t:t + 1], ids[t:t + 1], weights[t:t + 1])[0]), t
 
 
 @needs_ext

@@ -594,8 +594,11 @@ def test_packed_weight_over_views_of_one_byte_buffer(s):
         for k, (dims, dtype) in s.tensor_specs(shape).items()
     }
     pw = PackedWeight(s, views, shape)
-    x = torch.randn(2, 201)
-    torch.testing.assert_close(pw.linear(x), F.linear(x, s.dequantize(packed, shape)))
+    x = torch.randn(2, 201, generator=torch.Generator().manual_seed(3))
+    ref = F.linear(x, s.dequantize(packed, shape))
+    # the kernels' float tolerance (tests/test_cpu_kernels.py): int4 folds its zero points out of
+    # the inner loop, which rounds differently from the reference (a wrong view is off by O(1))
+    torch.testing.assert_close(pw.linear(x), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,11 +2,13 @@
 
 Packed weights are multiplied straight from their bytes: a row's codes are converted to float32
 in vector registers and multiplied with x, so a weight is read once per token and never expanded
-to a float matrix (the torch path expands every expert to float32 on every use). Batches of up to
-`_cpu.MAX_T - 1` tokens take these GEMV kernels; larger batches (prefill) dequantize a block of
-rows at a time in C into a small float32 scratch and hand it to torch's matmul (`GEMM_MIN_BATCH`).
+to a float matrix (the torch path expands every expert to float32 on every use). A batch of tokens
+is multiplied a few tokens at a time against the codes converted once, so up to `GEMM_MIN_BATCH`
+tokens take these kernels; larger batches (a long prompt through a dense weight) dequantize a block
+of rows at a time in C into a small float32 scratch and hand it to torch's matmul, which reuses a
+weight across many tokens better than the fused kernels do.
 
-`moe_layer` runs a whole MoE layer for a decode step in one call: the selected experts' gate/up
+`layer_kernel` runs a whole MoE layer (a decode step or a prompt chunk) in one call: the selected experts' gate/up
 rows, the activation, the down rows and the weighted sum in ascending expert order, all on the
 kernel thread pool. Pointer tables (`expert_row`) are built once per weight and kept on it.
 
@@ -41,7 +43,8 @@ KINDS = {"fp32": 0, "bf16": 1, "fp16": 2, "int8": 3, "int4": 4, "nf4": 5, "terna
 FLOAT_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 SCALE_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 ACTIVATIONS = {"silu": 0, "swish": 0, "relu": 1, "gelu": 2, "gelu_pytorch_tanh": 3}
-MAX_BATCH = (_cpu.MAX_T - 1) if _cpu is not None else 0  # GEMV / grouped-layer path up to this many tokens
+GEMM_MIN_BATCH = 256  # tokens from which linear() dequantizes blocks for torch's matmul (see README, speed)
+MAX_BATCH = 8192  # tokens one grouped-layer call takes (a prompt chunk; each expert's tokens in blocks of _cpu.MAX_T)
 CHUNK_ELEMENTS = 1 << 20  # float32 scratch of the GEMM path (4 MiB): one block of dequantized rows
 
 _state = {"env_checked": False, "noted": False}
@@ -173,7 +176,7 @@ def linear(x: torch.Tensor, w) -> torch.Tensor | None:
     T = xf.shape[0]
     if T == 0:
         return x.new_zeros(*lead, rows)
-    if T <= MAX_BATCH:
+    if T < GEMM_MIN_BATCH:
         y = torch.empty(T, rows, dtype=torch.float32)
         _cpu.linear(desc.data_ptr(), xf.data_ptr(), T, y.data_ptr())
     else:  # GEMM path: dequantize a block of rows in C, multiply with torch
@@ -210,7 +213,7 @@ def expert_row(e: ExpertWeights) -> torch.Tensor | None:
 
 
 def grouped_applies(x: torch.Tensor, act: str) -> bool:
-    """Whether a layer call on x takes the grouped kernel: decode and small batches on the CPU."""
+    """Whether a layer call on x takes the grouped kernel: any decode step or prompt chunk on the CPU."""
     return (x.device.type == "cpu" and 0 < x.shape[0] <= MAX_BATCH and isinstance(act, str) and act in ACTIVATIONS
             and available())
 
@@ -259,4 +262,4 @@ def layer_kernel(experts: Sequence[ExpertWeights], act) -> LayerKernel | None:
 
 
 __all__ = ["available", "set_threads", "threads", "isa", "isas", "set_isa", "linear", "descriptor",
-           "expert_row", "grouped_applies", "moe_accumulate", "layer_kernel", "LayerKernel", "MAX_BATCH"]
+           "expert_row", "grouped_applies", "moe_accumulate", "layer_kernel", "LayerKernel", "MAX_BATCH", "GEMM_MIN_BATCH"]
