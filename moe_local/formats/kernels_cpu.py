@@ -43,7 +43,7 @@ KINDS = {"fp32": 0, "bf16": 1, "fp16": 2, "int8": 3, "int4": 4, "nf4": 5, "terna
 FLOAT_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 SCALE_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 ACTIVATIONS = {"silu": 0, "swish": 0, "relu": 1, "gelu": 2, "gelu_pytorch_tanh": 3}
-GEMM_MIN_BATCH = 256  # tokens from which linear() dequantizes blocks for torch's matmul (see README, speed)
+GEMM_MIN_BATCH = 128  # tokens from which linear() dequantizes blocks for torch's matmul (see README, speed)
 MAX_BATCH = 8192  # tokens one grouped-layer call takes (a prompt chunk; each expert's tokens in blocks of _cpu.MAX_T)
 CHUNK_ELEMENTS = 1 << 20  # float32 scratch of the GEMM path (4 MiB): one block of dequantized rows
 
