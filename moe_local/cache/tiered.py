@@ -120,12 +120,19 @@ class TieredExperts:
         self.policy_name = policy
         self.plan = plan
         self.miss = miss
-        self.predictor = predictor
+        self.stats = CacheStats()
+        keys = len(self.moe_layers) * int(source.num_experts)
+        compute_slots = gpu_slots if self.two_tier else host_slots
+        # A compute tier that holds every expert of the pack never evicts: each expert misses at most
+        # once in the whole run, and a prefetch could only hide that one first read. The look-ahead
+        # costs every token (the next layer's router on each MoE input, its ids to the host, the
+        # bookkeeping): ~3% of a CPU decode token here. So with such a budget it does not run at all.
+        self.stats.lookahead = predictor is not None and compute_slots < keys
+        self.predictor = predictor if self.stats.lookahead else None
         self.trace = trace
         self.access_log: list[Key] | None = [] if record_accesses else None
         # future_label: what to call the future in the mismatch warning (e.g. "--belady-trace FILE")
         self.future_check = FutureCheck(future, future_label) if policy == "belady" and future is not None else None
-        self.stats = CacheStats()
         cpu = torch.device("cpu")
         self.host = Tier("ram", allocate_slab(host_slots, self.slot_bytes, cpu, pin=self.cuda),
                          make_policy(policy, max(1, host_slots), future))
@@ -152,8 +159,8 @@ class TieredExperts:
         self.auto_cpu = bool(calib) and calib["cpu_expert_s"] < calib["transfer_expert_s"]
         # earlier points of the token (dense MLPs, the first MoE layer's attention) predict the first
         # MoE layer, which has no MoE layer before it; the earliest of them starts a forward pass
-        sources = predictor.sources() if predictor is not None else []
-        self._stop_listening = predictor.listen(self.before_block) if sources else None
+        sources = self.predictor.sources() if self.predictor is not None else []
+        self._stop_listening = self.predictor.listen(self.before_block) if sources else None
         self.pass_start = min([_position(l, site) for l, site in sources] + [_position(self.first_layer, "mlp")])
 
     # ------------------------------------------------------------------ public
