@@ -118,13 +118,19 @@ void pool_run(task_fn fn, void *ctx, int64_t items, int64_t grain, int64_t align
     int64_t chunk = (items + (int64_t)P.n * CHUNKS_PER_THREAD - 1) / ((int64_t)P.n * CHUNKS_PER_THREAD);
     if (chunk < grain) chunk = grain;
     chunk = (chunk + align - 1) / align * align;
+    const unsigned g = atomic_load(&P.gen) + 1;
+    /* Close the claim counter before touching the job's fields: a worker still looping over the
+     * last job reads P.nchunks without a lock, and could otherwise see this job's (larger) count,
+     * claim a chunk through the old counter, and finish it into `done` after it was reset, letting
+     * this job return while a chunk is still being written. With the counter changed first, such a
+     * claim fails its compare-and-swap. */
+    atomic_store(&P.claim, ((uint64_t)g << 32) | UINT32_MAX);
     P.fn = fn;
     P.ctx = ctx;
     P.items = items;
     P.chunk = chunk;
     P.nchunks = (uint32_t)((items + chunk - 1) / chunk);
     atomic_store(&P.done, 0);
-    const unsigned g = atomic_load(&P.gen) + 1;
     atomic_store(&P.claim, (uint64_t)g << 32);
     atomic_store(&P.gen, g);
     if (atomic_load(&P.sleeping) > 0) {
