@@ -10,9 +10,10 @@
 #include "kern_generic.h"
 
 #define AI static inline __attribute__((always_inline))
-/* Tokens one pass of the block kernels keeps in registers. 4 would need 4 sums + 8 partials per
- * row and spills on 16 ymm registers (measured slower than 3, see the commit message). */
-#define TBMAX 3
+/* Tokens one pass of the block kernels keeps in registers: 4 tokens need 4 sums + 8 partials and
+ * spill a few sums (once per group, outside the code loop) on 16 ymm registers, yet measured
+ * 1.1-1.6x faster per token than 2 or 3 (busy 2-core VM, 2 threads, see the commit message). */
+#define TBMAX 4
 #define RC 4  /* rows per pass over the token blocks (re-read from L1 for the next block) */
 
 AI float hsum256(__m256 v) {
@@ -137,11 +138,12 @@ AI void load16_w(int kind, const uint8_t *row, int64_t e, __m256 *a, __m256 *b) 
 AI int esize(int kind) { return kind == K_F32 ? 4 : kind == K_INT8 ? 1 : 2; }
 
 /* int8 (one scale per group; per channel: one group) and float kinds (one "group": the row, scale
- * 1). A group's last n < 16 weights are copied to a zeroed buffer and x read through a lane mask,
- * so nothing past a row or a token is read. */
-AI void lin_block(const WDesc *w, const XPrep *xp, int64_t r, int t0, const int R, const int TB, const int FL,
+ * 1); the kind is a compile-time constant (no dispatch in the inner loop). A group's last n < 16
+ * weights are copied to a zeroed buffer and x read through a lane mask, so nothing past a row or
+ * a token is read. */
+AI void lin_block(const WDesc *w, const XPrep *xp, int64_t r, int t0, const int R, const int TB, const int kind,
                   float *y, int64_t ldy) {
-    const int kind = FL ? w->kind : K_INT8, es = esize(kind);
+    const int FL = kind != K_INT8, es = esize(kind);
     const int64_t g = FL ? w->cols : w->g, ng = FL ? 1 : w->ng, len = xp->len, cols = w->cols;
     const float *x0 = xp->x + t0 * len;
     const uint8_t *row[2] = {w->codes + r * w->stride, w->codes + (r + R - 1) * w->stride};
@@ -224,15 +226,19 @@ typedef void (*block_fn)(const WDesc *w, const XPrep *xp, int64_t r, int t0, flo
 #define CALL_b_i4g128(R, TB) nib_block(w, xp, r, t0, R, TB, 0, 128, y, ldy)
 #define CALL_b_i4any(R, TB) nib_block(w, xp, r, t0, R, TB, 0, 0, y, ldy)
 #define CALL_b_nf4(R, TB) nib_block(w, xp, r, t0, R, TB, 1, 0, y, ldy)
-#define CALL_b_i8(R, TB) lin_block(w, xp, r, t0, R, TB, 0, y, ldy)
-#define CALL_b_fl(R, TB) lin_block(w, xp, r, t0, R, TB, 1, y, ldy)
+#define CALL_b_i8(R, TB) lin_block(w, xp, r, t0, R, TB, K_INT8, y, ldy)
+#define CALL_b_f32(R, TB) lin_block(w, xp, r, t0, R, TB, K_F32, y, ldy)
+#define CALL_b_bf16(R, TB) lin_block(w, xp, r, t0, R, TB, K_BF16, y, ldy)
+#define CALL_b_f16(R, TB) lin_block(w, xp, r, t0, R, TB, K_F16, y, ldy)
 BLOCKS(b_i4g32)
 BLOCKS(b_i4g64)
 BLOCKS(b_i4g128)
 BLOCKS(b_i4any)
 BLOCKS(b_nf4)
 BLOCKS(b_i8)
-BLOCKS(b_fl)
+BLOCKS(b_f32)
+BLOCKS(b_bf16)
+BLOCKS(b_f16)
 
 static const block_fn *blocks_for(const WDesc *w) {
     switch (w->kind) {
@@ -241,7 +247,9 @@ static const block_fn *blocks_for(const WDesc *w) {
         return w->g == 32 ? b_i4g32 : w->g == 64 ? b_i4g64 : w->g == 128 ? b_i4g128 : b_i4any;
     case K_NF4: return w->g % 32 ? NULL : b_nf4;
     case K_INT8: return b_i8;
-    case K_F32: case K_BF16: case K_F16: return b_fl;
+    case K_F32: return b_f32;
+    case K_BF16: return b_bf16;
+    case K_F16: return b_f16;
     default: return NULL;
     }
 }
