@@ -87,6 +87,12 @@ static void prep_x(const IsaKernels *isa, const WDesc *w, int T, const float *sr
             for (int64_t gi = 0; gi < w->ng; gi++) {
                 const int64_t base = gi * g, full = g / 32 * 32;
                 int64_t k = 0;
+                if (base + full <= cols)  /* inside the row: no bounds to check */
+                    for (; k < full; k += 32)
+                        for (int j = 0; j < 16; j++) {
+                            d[base + k + j] = x[base + k + 2 * j];
+                            d[base + k + 16 + j] = x[base + k + 2 * j + 1];
+                        }
                 for (; k < full; k += 32)
                     for (int j = 0; j < 16; j++) {
                         const int64_t e = base + k + 2 * j, o = e + 1;
@@ -180,11 +186,58 @@ typedef struct {
     int64_t tok[MAX_T];
     float wt[MAX_T];
     XPrep xg, xu, xd;
+    int shared_in;       /* gate and up share one prepared x */
+    float *bg, *bu, *bd; /* scratch of the prepared x of gate, up, down */
     float *g, *u, *y;    /* [T][I], [T][I] (then act(g)*u in g), [T][H] */
     int64_t start1, start2;  /* first item of this expert in the gate/up and the down job */
 } MoeExpert;
 
-typedef struct { const IsaKernels *isa; MoeExpert *ex; int n; int act; } MoeCtx;
+typedef struct {
+    const IsaKernels *isa;
+    MoeExpert *ex;
+    int n;
+    int act;
+    const float *x;  /* [T][H] the layer's input */
+    int64_t H;
+    float *out;      /* [T][H] += the weighted expert outputs */
+} MoeCtx;
+
+/* gate and up read x prepared the same way (the usual case: one scheme for both) */
+static int same_layout(const WDesc *a, const WDesc *b) {
+    return a->kind == b->kind && a->g == b->g && a->cols == b->cols;
+}
+
+static void prep_in_task(void *c, int64_t b, int64_t e) {
+    MoeCtx *m = (MoeCtx *)c;
+    for (int64_t i = b; i < e; i++) {
+        MoeExpert *x = &m->ex[i];
+        prep_x(m->isa, &x->gate, x->T, m->x, m->H, x->tok, x->bg, &x->xg);
+        if (x->shared_in) x->xu = x->xg;
+        else prep_x(m->isa, &x->up, x->T, m->x, m->H, x->tok, x->bu, &x->xu);
+    }
+}
+
+static void prep_down_task(void *c, int64_t b, int64_t e) {
+    MoeCtx *m = (MoeCtx *)c;
+    for (int64_t i = b; i < e; i++) {
+        MoeExpert *x = &m->ex[i];
+        prep_x(m->isa, &x->down, x->T, x->g, x->gate.rows, NULL, x->bd, &x->xd);
+    }
+}
+
+/* out[:, h0:h1] += the experts' weighted outputs, in ascending expert order for every element:
+ * the one summation order, whatever the split of columns across threads. */
+static void sum_task(void *c, int64_t h0, int64_t h1) {
+    MoeCtx *m = (MoeCtx *)c;
+    for (int i = 0; i < m->n; i++) {
+        const MoeExpert *e = &m->ex[i];
+        for (int t = 0; t < e->T; t++) {
+            float *o = m->out + e->tok[t] * m->H;
+            const float *y = e->y + t * m->H, w = e->wt[t];
+            for (int64_t h = h0; h < h1; h++) o[h] += w * y[h];
+        }
+    }
+}
 
 typedef struct { int64_t key, row, tok; float w; } Pair;  /* one routed (expert, token) */
 
@@ -296,47 +349,41 @@ static PyObject *py_moe(PyObject *self, PyObject *args) {
     if (n == 0) { free(ex); Py_RETURN_NONE; }
     const int64_t H = ex[0].down.rows;
     /* one scratch block: prepared x for gate/up/down, g, u, y of every expert */
+    /* one scratch block: prepared x for gate/up (one, when their layouts match) and down, g, u, y */
     size_t total = 0;
     for (int i = 0; i < n; i++) {
         MoeExpert *e = &ex[i];
         const int64_t I = e->gate.rows;
-        total += prep_size(ISA, &e->gate, e->T) + prep_size(ISA, &e->up, e->T) + prep_size(ISA, &e->down, e->T) +
-                 e->T * (2 * I + H) + 64;
+        e->shared_in = same_layout(&e->gate, &e->up);
+        total += prep_size(ISA, &e->gate, e->T) + (e->shared_in ? 0 : prep_size(ISA, &e->up, e->T)) +
+                 prep_size(ISA, &e->down, e->T) + e->T * (2 * I + H) + 64;
     }
     float *scratch = malloc(sizeof(float) * total);
     if (!scratch) { free(ex); return PyErr_NoMemory(); }
-    MoeCtx m = {ISA, ex, n, act};
+    MoeCtx m = {ISA, ex, n, act, x, H, out};
     Py_BEGIN_ALLOW_THREADS
     float *p = scratch;
     int64_t items1 = 0, items2 = 0;
     for (int i = 0; i < n; i++) {
         MoeExpert *e = &ex[i];
         const int64_t I = e->gate.rows;
-        prep_x(m.isa, &e->gate, e->T, x, H, e->tok, p, &e->xg);
-        p += prep_size(m.isa, &e->gate, e->T);
-        prep_x(m.isa, &e->up, e->T, x, H, e->tok, p, &e->xu);
-        p += prep_size(m.isa, &e->up, e->T);
+        e->bg = p; p += prep_size(m.isa, &e->gate, e->T);
+        e->bu = e->shared_in ? e->bg : p; p += e->shared_in ? 0 : prep_size(m.isa, &e->up, e->T);
+        e->bd = p; p += prep_size(m.isa, &e->down, e->T);
         e->g = p; p += e->T * I;
         e->u = p; p += e->T * I;
         e->y = p; p += e->T * H;
         e->start1 = items1; items1 += I;
         e->start2 = items2; items2 += H;
     }
+    /* a prompt chunk prepares x on every thread; a decode step's few experts inline (a pool job
+     * costs more than their preparation) */
+    const int spread = np >= 32;
+    if (spread) pool_run(prep_in_task, &m, n, 1, 1); else prep_in_task(&m, 0, n);
     pool_run(gate_up_task, &m, items1, 16, 1);
-    for (int i = 0; i < n; i++) {
-        MoeExpert *e = &ex[i];
-        prep_x(m.isa, &e->down, e->T, e->g, e->gate.rows, NULL, p, &e->xd);
-        p += prep_size(m.isa, &e->down, e->T);
-    }
+    if (spread) pool_run(prep_down_task, &m, n, 1, 1); else prep_down_task(&m, 0, n);
     pool_run(down_task, &m, items2, 16, 1);
-    for (int i = 0; i < n; i++) {  /* ascending expert id: the one summation order */
-        const MoeExpert *e = &ex[i];
-        for (int t = 0; t < e->T; t++) {
-            float *o = out + e->tok[t] * H;
-            const float *y = e->y + t * H, w = e->wt[t];
-            for (int64_t h = 0; h < H; h++) o[h] += w * y[h];
-        }
-    }
+    if (spread) pool_run(sum_task, &m, H, 64, 16); else sum_task(&m, 0, H);
     Py_END_ALLOW_THREADS
     free(scratch);
     free(ex);

@@ -23,6 +23,10 @@ static inline __m512 load_scales16(const WDesc *w, int64_t r, int64_t gc, __mmas
 }
 
 #define AI static inline __attribute__((always_inline))
+/* Rows ahead a kernel prefetches its codes from (one prefetch per 64-byte line): the hardware
+ * prefetcher alone leaves a decode step's expert rows waiting on memory (measured: a top-8 MoE layer
+ * of 768x2048 int4 experts 2.1 ms -> 1.3 ms per token at 2 threads; 2..16 rows ahead all similar). */
+#define PF 4
 #define TBMAX 4  /* tokens one pass of the block kernels keeps in registers */
 #define RC 4     /* rows per pass over the token blocks (re-read from L1 for the next block) */
 
@@ -73,6 +77,7 @@ AI void nib_block(const WDesc *w, const XPrep *xp, int64_t r, int t0, const int 
             for (int64_t k = 0; k < g; k += 32) {
 #pragma GCC unroll 2
                 for (int i = 0; i < R; i++) {
+                    if ((k & 127) == 0) _mm_prefetch((const char *)(row[i] + (gi * g + k) / 2 + PF * w->stride), _MM_HINT_T0);
                     const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row[i] + (gi * g + k) / 2)));
                     const __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_srli_epi32(v, 4);
                     const __m512 flo = NF ? _mm512_permutexvar_ps(lo, lut) : _mm512_cvtepi32_ps(lo);
@@ -158,6 +163,8 @@ AI void lin_block(const WDesc *w, const XPrep *xp, int64_t r, int t0, const int 
 #pragma GCC unroll 2
             for (int i = 0; i < R; i++) {
                 __m512 a, b;
+                const int64_t off = FL ? (i0 + k) * (w->kind == K_F32 ? 4 : 2) : i0 + k;  /* byte offset */
+                if ((off & 63) == 0) _mm_prefetch((const char *)(row[i] + off + PF * w->stride), _MM_HINT_T0);
                 if (FL) load32_f(w->kind, row[i], i0 + k, n, &a, &b);
                 else load32_i8((const int8_t *)row[i] + i0 + k, n, &a, &b);
 #pragma GCC unroll 8
