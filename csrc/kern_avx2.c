@@ -14,6 +14,9 @@
  * spill a few sums (once per group, outside the code loop) on 16 ymm registers, yet measured
  * 1.1-1.6x faster per token than 2 or 3 (busy 2-core VM, 2 threads, see the commit message). */
 #define TBMAX 4
+/* Rows ahead a kernel prefetches its codes from (one prefetch per 64-byte line), as in
+ * kern_avx512.c: the hardware prefetcher alone leaves a decode step's expert rows waiting. */
+#define PF 4
 #define RC 4  /* rows per pass over the token blocks (re-read from L1 for the next block) */
 
 AI float hsum256(__m256 v) {
@@ -87,6 +90,7 @@ AI void nib_block(const WDesc *w, const XPrep *xp, int64_t r, int t0, const int 
 #pragma GCC unroll 2
                 for (int i = 0; i < R; i++) {
                     const uint8_t *p = row[i] + (gi * g + k) / 2;
+                    if ((k & 127) == 0) _mm_prefetch((const char *)(p + PF * w->stride), _MM_HINT_T0);
                     const __m256i v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
                     const __m256i v1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8)));
                     __m256 f = nib_f(_mm256_and_si256(v0, m4), NF, lut0, lut1);
@@ -164,6 +168,8 @@ AI void lin_block(const WDesc *w, const XPrep *xp, int64_t r, int t0, const int 
 #pragma GCC unroll 2
             for (int i = 0; i < R; i++) {
                 __m256 a, b;
+                const int64_t off = (i0 + k) * es;  /* byte offset: one prefetch per 64-byte line */
+                if ((off & 63) < 16 * es) _mm_prefetch((const char *)(row[i] + off + PF * w->stride), _MM_HINT_T0);
                 load16_w(kind, row[i], i0 + k, &a, &b);
 #pragma GCC unroll 8
                 for (int t = 0; t < TB; t++) {
