@@ -1,10 +1,10 @@
 /* AVX-512 kernels (F + BW + VL + DQ, FMA, F16C). Compiled for that target whatever the build's
  * flags; only called when cpuid reports the features (see _cpu.c).
  *
- * Batch 1 (decode) has hand-written row kernels: each reads a weight row once and multiplies its
- * codes, converted to float32 in registers, with x. Zero points are folded out of the inner loop:
- * sum_g s_g * (sum_i q_i x_i - z_g * sum_i x_i), the group sums of x computed once per call.
- * Other batches and kinds use the generic kernels compiled for this target.
+ * int4, nf4 (group size a multiple of 32), int8 and float weights go through the block kernels
+ * below (any batch: a decode step's rows in pairs, a prompt's tokens 4 at a time per row); the
+ * dequantize for the GEMM path is vectorised too. Ternary and odd group sizes use the generic
+ * kernels compiled for this target.
  */
 #if defined(__x86_64__)
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,avx2")

@@ -180,6 +180,18 @@ def test_router_lookahead_predicts_and_counts(pack, prompt):
     assert 0.0 < pf["router_recall"] <= 1.0
 
 
+def test_lookahead_is_off_when_the_cache_holds_every_expert(pack, prompt):
+    """24 slots hold the 3 x 8 experts: nothing is ever evicted, so no prediction is made (a
+    skipped look-ahead is no prefetch miss: recall has nothing to count); the tokens are the same."""
+    logits, tokens, lm = run(pack, prompt, tiered_factory(slots=24, depth=2, extra=1))
+    ref_logits, ref_tokens, ref = run(pack, prompt, tiered_factory(slots=10, depth=2, extra=1))
+    assert tokens == ref_tokens and torch.equal(logits, ref_logits)
+    pf, pf_ref = lm.provider.report()["prefetch"], ref.provider.report()["prefetch"]
+    assert pf_ref["lookahead"] and pf_ref["issued"] > 0
+    assert not pf["lookahead"] and (pf["issued"], pf["used"], pf["wasted"], pf["recall"]) == (0, 0, 0, 0.0)
+    assert lm.provider.report()["tokens"] == ref.provider.report()["tokens"]  # passes still counted
+
+
 class MoeLayersOnly:
     """The look-ahead as it was before the first MoE layer got its own predictions: MoE layers only."""
 

@@ -183,6 +183,17 @@ def test_grouped_layer_gives_a_prompt_the_bits_of_token_by_token_decoding(isa):
 
 
 @needs_ext
+def test_a_long_prompt_chunk_in_scratch_sized_slices_gives_the_same_bits(monkeypatch):
+    experts = experts_of("int4", {"group_size": 32}, n=4)
+    kernel = kernels_cpu.layer_kernel(experts, "silu")
+    x = torch.randn(90, 96)
+    ids, weights = routing(90, 4, 2)
+    whole = kernel(x, ids, weights)
+    monkeypatch.setattr(kernels_cpu, "MOE_SCRATCH_FLOATS", 2 * (3 * 96 + 4 * 80) * 7)  # 7 tokens a slice
+    assert torch.equal(kernel(x, ids, weights), whole)
+
+
+@needs_ext
 def test_batches_beyond_the_grouped_kernel_are_left_to_the_generic_loop():
     kernel = kernels_cpu.layer_kernel(experts_of("int8", {}, n=3), "silu")
     x = torch.randn(kernels_cpu.MAX_BATCH + 1, 96)

@@ -105,3 +105,33 @@ def test_bf16_routing_weights_are_cast_like_transformers(tmp_path):
     router.weight = torch.nn.Parameter(torch.randn(8, 64, dtype=torch.bfloat16))
     ids, weights = router(torch.randn(3, 64, dtype=torch.bfloat16))
     assert ids.shape == (3, 2) and weights.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_variants_equal_transformers_bitwise(dtype):
+    """Our norms run one fused op (F.rms_norm) where the references run five: the results must be the
+    same to the last bit (a tolerance would hide a different rounding order that could flip a token)."""
+    from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4RMSNorm
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeRMSNorm
+    from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextRMSNorm, Qwen3NextRMSNormGated
+
+    from moe_local.models.csa import Fp32RMSNorm
+    from moe_local.models.hybrid import GatedRMSNorm, ZeroCenteredRMSNorm
+    from moe_local.models.layers import RMSNorm
+
+    gen = torch.Generator().manual_seed(0)
+    pairs = [(RMSNorm, Qwen3MoeRMSNorm, dtype), (ZeroCenteredRMSNorm, Qwen3NextRMSNorm, dtype),
+             (GatedRMSNorm, Qwen3NextRMSNormGated, dtype), (Fp32RMSNorm, DeepseekV4RMSNorm, torch.float32)]
+    for ours_cls, ref_cls, weight_dtype in pairs:
+        for shape in ((1, 2048), (7, 96), (3, 4, 128), (1, 32, 128)):
+            d = shape[-1]
+            ours, ref = ours_cls(d, 1e-6), ref_cls(d, eps=1e-6)
+            weight = torch.randn(d, generator=gen).to(weight_dtype)
+            with torch.no_grad():
+                ours.weight.data, ref.weight.data = weight.clone(), weight.clone()
+            x = (3 * torch.randn(shape, generator=gen)).to(dtype)
+            gate = torch.randn(shape, generator=gen).to(dtype)
+            with torch.inference_mode():
+                args = (x, gate) if ours_cls is GatedRMSNorm else (x,)
+                got, want = ours(*args), ref(*args)
+            assert got.dtype == want.dtype and torch.equal(got, want), (ours_cls.__name__, shape)

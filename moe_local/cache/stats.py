@@ -10,6 +10,8 @@ Definitions (also in the README):
   layer it was predicted for demands it; *late* when that use still had to wait for the transfer;
   *wasted* when that layer ran without demanding it. precision = used / issued; recall = used /
   (used + demanded misses that no prefetch covered, in layer calls a prediction was made for).
+  `lookahead` says whether predictions were made at all: not when the compute tier holds every
+  expert of the model (nothing is ever evicted there, so there is nothing to prefetch for).
 - bytes: per link; `per_token` = all bytes moved / tokens run through the model.
 """
 
@@ -58,6 +60,7 @@ class CacheStats:
     prefill_tokens: int = 0
     decode_tokens: int = 0
     streamed_uses: int = 0  # uses served through transient slots (a prefill layer wider than the cache)
+    lookahead: bool = False  # the router look-ahead ran (off without a predictor or when every expert fits)
 
     def use(self, layer: int, hit: bool) -> None:
         self.uses += 1
@@ -85,6 +88,7 @@ class CacheStats:
                 "precision": used / issued if issued else 0.0,
                 "recall": used / (used + self.uncovered_misses) if used + self.uncovered_misses else 0.0,
                 "router_recall": self.predicted_right / self.actual_scored if self.actual_scored else 0.0,
+                "lookahead": self.lookahead,
             },
             "bytes": {"disk_to_ram": self.disk_to_ram, "ram_to_gpu": self.ram_to_gpu,
                       "per_token": moved / self.tokens if self.tokens else 0.0},

@@ -120,12 +120,19 @@ class TieredExperts:
         self.policy_name = policy
         self.plan = plan
         self.miss = miss
-        self.predictor = predictor
+        self.stats = CacheStats()
+        keys = len(self.moe_layers) * int(source.num_experts)
+        compute_slots = gpu_slots if self.two_tier else host_slots
+        # A compute tier that holds every expert of the pack never evicts: each expert misses at most
+        # once in the whole run, and a prefetch could only hide that one first read. The look-ahead
+        # costs every token (the next layer's router on each MoE input, its ids to the host, the
+        # bookkeeping): ~3% of a CPU decode token here. So with such a budget it does not run at all.
+        self.stats.lookahead = predictor is not None and compute_slots < keys
+        self.predictor = predictor if self.stats.lookahead else None
         self.trace = trace
         self.access_log: list[Key] | None = [] if record_accesses else None
         # future_label: what to call the future in the mismatch warning (e.g. "--belady-trace FILE")
         self.future_check = FutureCheck(future, future_label) if policy == "belady" and future is not None else None
-        self.stats = CacheStats()
         cpu = torch.device("cpu")
         self.host = Tier("ram", allocate_slab(host_slots, self.slot_bytes, cpu, pin=self.cuda),
                          make_policy(policy, max(1, host_slots), future))
@@ -152,8 +159,8 @@ class TieredExperts:
         self.auto_cpu = bool(calib) and calib["cpu_expert_s"] < calib["transfer_expert_s"]
         # earlier points of the token (dense MLPs, the first MoE layer's attention) predict the first
         # MoE layer, which has no MoE layer before it; the earliest of them starts a forward pass
-        sources = predictor.sources() if predictor is not None else []
-        self._stop_listening = predictor.listen(self.before_block) if sources else None
+        sources = self.predictor.sources() if self.predictor is not None else []
+        self._stop_listening = self.predictor.listen(self.before_block) if sources else None
         self.pass_start = min([_position(l, site) for l, site in sources] + [_position(self.first_layer, "mlp")])
 
     # ------------------------------------------------------------------ public
@@ -164,7 +171,7 @@ class TieredExperts:
         if self.trace is not None:
             self.trace.layer(layer, ids.tolist())
         self.transfers.reap()
-        keys = [(layer, e) for e in torch.unique(ids).tolist()]
+        keys = [(layer, e) for e in sorted(set(ids.reshape(-1).tolist()))]  # one host copy, no unique kernel
         if self.future_check is not None:
             self.future_check.demand(keys)
         need = set(keys)
@@ -194,6 +201,9 @@ class TieredExperts:
 
             if self.grouped.applies(layer, x):
                 one_call = not run.pending and not run.stream and not run.cpu_keys
+                if one_call and self._all_resident(run, keys):
+                    def fetch(e: int):  # noqa: F811 -- the decode steady state: nothing to wait for or release early
+                        return self._fetch_resident(run, (layer, e))
                 y = self.grouped.combine(layer, x, ids, weights, [e for _, e in keys], fetch, one_call)
             else:
                 y = combine_experts(x, ids, weights, fetch, self.act)
@@ -262,6 +272,10 @@ class TieredExperts:
 
     def _unhold(self, run: _Run, tier: Tier, key: Key) -> None:
         run.held.remove((tier, key))
+        self._release(tier, key)
+
+    def _release(self, tier: Tier, key: Key) -> None:
+        """Drop one pin of `key`; a transient slot (or a failed transfer's) is freed with its last pin."""
         tier.table.unpin(key)
         self.transfers.purge(tier, key)
         if key in tier.table.transient and tier.table.pins[key] == 0:
@@ -321,6 +335,23 @@ class TieredExperts:
                 self._issue_pending(run, must=key)
         return self._ready(run, key)
 
+    def _all_resident(self, run: _Run, keys: list) -> bool:
+        """Every key of the call sat in the compute tier's cache when it was held and no transfer into
+        it is in flight: each use will be a hit, and nothing can evict a held key before the call ends."""
+        if run.issued or run.stream or run.cpu_keys:
+            return False
+        tier, inflight = self.compute, self.transfers.inflight
+        transient = tier.table.transient
+        return all((tier.name, k) not in inflight and k not in transient for k in keys)
+
+    def _fetch_resident(self, run: _Run, key: Key):
+        """`_fetch` of a call `_all_resident` accepted: the hit `_ready` would count, without its
+        per-expert waits and early releases (the pins go at `_end_run`, the call's last step)."""
+        st = self.stats
+        st.use(run.layer, True)
+        st.tiers[self.compute.name].hits += 1
+        return self.slots.weights(self.compute, key, self.device, self.dtype)
+
     def _done_with(self, run: _Run, key: Key) -> None:
         for tier, k in list(run.held):
             if k == key:
@@ -357,10 +388,11 @@ class TieredExperts:
         return self.slots.weights(tier, key, self.device, self.dtype)
 
     def _end_run(self, run: _Run, ok: bool) -> None:
-        for tier, k in list(run.held):
+        held, run.held = run.held, []
+        for tier, k in held:
             if not ok:
                 self.transfers.finish(tier, k, swallow=True)
-            self._unhold(run, tier, k)
+            self._release(tier, k)
 
 
 def _position(layer: int, site: str) -> tuple[int, int]:

@@ -43,7 +43,8 @@ KINDS = {"fp32": 0, "bf16": 1, "fp16": 2, "int8": 3, "int4": 4, "nf4": 5, "terna
 FLOAT_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 SCALE_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 ACTIVATIONS = {"silu": 0, "swish": 0, "relu": 1, "gelu": 2, "gelu_pytorch_tanh": 3}
-GEMM_MIN_BATCH = 256  # tokens from which linear() dequantizes blocks for torch's matmul (see README, speed)
+GEMM_MIN_BATCH = 128  # tokens from which linear() dequantizes blocks for torch's matmul (see README, speed)
+MOE_SCRATCH_FLOATS = 1 << 24  # 64 MiB: the most scratch one grouped-layer C call allocates
 MAX_BATCH = 8192  # tokens one grouped-layer call takes (a prompt chunk; each expert's tokens in blocks of _cpu.MAX_T)
 CHUNK_ELEMENTS = 1 << 20  # float32 scratch of the GEMM path (4 MiB): one block of dequantized rows
 
@@ -225,12 +226,20 @@ def moe_accumulate(out: torch.Tensor, x: torch.Tensor, ids: torch.Tensor, weight
     table: int64 [n, 3 * DESC_N] (expert_row); table_ids: int64 [n] ascending expert ids of its
     rows (None: row i is expert i). Calling this once with every expert or once per expert in
     ascending order gives bitwise identical `out`."""
-    T = x.shape[0]
+    T, H = x.shape
     xf = x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
     ids_c = ids.to(torch.int64).contiguous()
     w_c = weights.to(torch.float32).contiguous()
-    _cpu.moe(out.data_ptr(), xf.data_ptr(), T, ids_c.data_ptr(), w_c.data_ptr(), ids.shape[-1], table.data_ptr(),
-             0 if table_ids is None else table_ids.data_ptr(), table.shape[0], ACTIVATIONS[act])
+    k = ids.shape[-1]
+    inter = int(table[0, 1])  # the gate's rows
+    # the C call's scratch holds ~(3H + 4I) floats per routed pair: a long prompt chunk goes in
+    # slices of tokens (each token's result does not depend on the slice)
+    step = max(1, MOE_SCRATCH_FLOATS // (k * (3 * H + 4 * inter)))
+    tid = 0 if table_ids is None else table_ids.data_ptr()
+    for t0 in range(0, T, step):
+        n = min(step, T - t0)
+        _cpu.moe(out[t0:].data_ptr(), xf[t0:].data_ptr(), n, ids_c[t0:].data_ptr(), w_c[t0:].data_ptr(), k,
+                 table.data_ptr(), tid, table.shape[0], ACTIVATIONS[act])
 
 
 class LayerKernel:

@@ -41,7 +41,7 @@ from torch import nn
 
 from moe_local.formats.compute import linear
 from moe_local.models.hyper import rms_unweighted
-from moe_local.models.layers import Linear
+from moe_local.models.layers import Linear, rms_normalize
 
 KINDS = ("sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention")
 
@@ -55,9 +55,7 @@ class Fp32RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight.float() * h).to(x.dtype)
+        return (self.weight.float() * rms_normalize(x, self.eps)).to(x.dtype)
 
 
 def rope_tail(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

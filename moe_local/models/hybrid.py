@@ -34,7 +34,7 @@ from torch import nn
 
 from moe_local.experts import ACTIVATIONS
 from moe_local.models.base import CausalLM
-from moe_local.models.layers import KVCache, Linear, apply_rope, attend_grouped, attention_mask
+from moe_local.models.layers import KVCache, Linear, apply_rope, attend_grouped, attention_mask, rms_normalize
 
 CHUNK = 64  # the reference's chunk length for the delta rule
 
@@ -52,9 +52,7 @@ class ZeroCenteredRMSNorm(nn.Module):
         return 1.0 + self.weight.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (h * (1.0 + self.weight.float())).type_as(x)
+        return (rms_normalize(x, self.eps) * (1.0 + self.weight.float())).type_as(x)
 
 
 class GatedRMSNorm(nn.Module):
@@ -67,8 +65,7 @@ class GatedRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        h = x.float()
-        h = self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(dtype)
+        h = self.weight * rms_normalize(x, self.eps).to(dtype)
         return (h * F.silu(gate.float())).to(dtype)
 
 
