@@ -10,10 +10,11 @@
 #include "kern_generic.h"
 
 #define AI static inline __attribute__((always_inline))
-/* Tokens one pass of the block kernels keeps in registers: 4 tokens need 4 sums + 8 partials and
- * spill a few sums (once per group, outside the code loop) on 16 ymm registers, yet measured
- * 1.1-1.6x faster per token than 2 or 3 (busy 2-core VM, 2 threads, see the commit message). */
-#define TBMAX 4
+/* Tokens one pass of the block kernels keeps in registers. Measured on a busy 2-core VM, 2 threads:
+ * 4 beat 2 and 3 (1.1-1.6x per token); with one partial sum per (row, token) in the nibble
+ * kernels (their sums restart every group, so one chain is not latency-bound) 6 beat 4 by 10-20%
+ * on int4/nf4 prompts, int8/float neutral (a few per-group sums spill, outside the code loop). */
+#define TBMAX 6
 /* Rows ahead a kernel prefetches its codes from (one prefetch per 64-byte line), as in
  * kern_avx512.c: the hardware prefetcher alone leaves a decode step's expert rows waiting. */
 #define PF 4
@@ -81,11 +82,11 @@ AI void nib_block(const WDesc *w, const XPrep *xp, int64_t r, int t0, const int 
         }
         for (int64_t gi = gc; gi < gc + n; gi++) {
             const float *xg = x0 + gi * g;
-            __m256 d0[2][TBMAX], d1[2][TBMAX];
+            __m256 d[2][TBMAX];  /* the group's sum, one per (row, token) */
 #pragma GCC unroll 2
             for (int i = 0; i < R; i++)
 #pragma GCC unroll 8
-                for (int t = 0; t < TB; t++) d0[i][t] = d1[i][t] = _mm256_setzero_ps();
+                for (int t = 0; t < TB; t++) d[i][t] = _mm256_setzero_ps();
             for (int64_t k = 0; k < g; k += 32) {
 #pragma GCC unroll 2
                 for (int i = 0; i < R; i++) {
@@ -95,23 +96,23 @@ AI void nib_block(const WDesc *w, const XPrep *xp, int64_t r, int t0, const int 
                     const __m256i v1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8)));
                     __m256 f = nib_f(_mm256_and_si256(v0, m4), NF, lut0, lut1);
 #pragma GCC unroll 8
-                    for (int t = 0; t < TB; t++) d0[i][t] = _mm256_fmadd_ps(f, _mm256_loadu_ps(xg + t * len + k), d0[i][t]);
+                    for (int t = 0; t < TB; t++) d[i][t] = _mm256_fmadd_ps(f, _mm256_loadu_ps(xg + t * len + k), d[i][t]);
                     f = nib_f(_mm256_and_si256(v1, m4), NF, lut0, lut1);
 #pragma GCC unroll 8
-                    for (int t = 0; t < TB; t++) d1[i][t] = _mm256_fmadd_ps(f, _mm256_loadu_ps(xg + t * len + k + 8), d1[i][t]);
+                    for (int t = 0; t < TB; t++) d[i][t] = _mm256_fmadd_ps(f, _mm256_loadu_ps(xg + t * len + k + 8), d[i][t]);
                     f = nib_f(_mm256_srli_epi32(v0, 4), NF, lut0, lut1);
 #pragma GCC unroll 8
-                    for (int t = 0; t < TB; t++) d0[i][t] = _mm256_fmadd_ps(f, _mm256_loadu_ps(xg + t * len + k + 16), d0[i][t]);
+                    for (int t = 0; t < TB; t++) d[i][t] = _mm256_fmadd_ps(f, _mm256_loadu_ps(xg + t * len + k + 16), d[i][t]);
                     f = nib_f(_mm256_srli_epi32(v1, 4), NF, lut0, lut1);
 #pragma GCC unroll 8
-                    for (int t = 0; t < TB; t++) d1[i][t] = _mm256_fmadd_ps(f, _mm256_loadu_ps(xg + t * len + k + 24), d1[i][t]);
+                    for (int t = 0; t < TB; t++) d[i][t] = _mm256_fmadd_ps(f, _mm256_loadu_ps(xg + t * len + k + 24), d[i][t]);
                 }
             }
 #pragma GCC unroll 2
             for (int i = 0; i < R; i++) {
                 const __m256 sv = _mm256_set1_ps(ss[i][gi - gc]);
 #pragma GCC unroll 8
-                for (int t = 0; t < TB; t++) acc[i][t] = _mm256_fmadd_ps(sv, _mm256_add_ps(d0[i][t], d1[i][t]), acc[i][t]);
+                for (int t = 0; t < TB; t++) acc[i][t] = _mm256_fmadd_ps(sv, d[i][t], acc[i][t]);
             }
         }
     }
@@ -222,9 +223,12 @@ typedef void (*block_fn)(const WDesc *w, const XPrep *xp, int64_t r, int t0, flo
 #elif TBMAX == 3
 #define BLOCKS(FAM) BLK(FAM, r2, 2, 1) BLK(FAM, 1, 1, 1) BLK(FAM, 2, 1, 2) BLK(FAM, 3, 1, 3) \
     static const block_fn FAM[TBMAX + 1] = {FAM##_r2, FAM##_1, FAM##_2, FAM##_3};
-#else
+#elif TBMAX == 4
 #define BLOCKS(FAM) BLK(FAM, r2, 2, 1) BLK(FAM, 1, 1, 1) BLK(FAM, 2, 1, 2) BLK(FAM, 3, 1, 3) BLK(FAM, 4, 1, 4) \
     static const block_fn FAM[TBMAX + 1] = {FAM##_r2, FAM##_1, FAM##_2, FAM##_3, FAM##_4};
+#else
+#define BLOCKS(FAM) BLK(FAM, r2, 2, 1) BLK(FAM, 1, 1, 1) BLK(FAM, 2, 1, 2) BLK(FAM, 3, 1, 3) BLK(FAM, 4, 1, 4) BLK(FAM, 5, 1, 5) BLK(FAM, 6, 1, 6) \
+    static const block_fn FAM[TBMAX + 1] = {FAM##_r2, FAM##_1, FAM##_2, FAM##_3, FAM##_4, FAM##_5, FAM##_6};
 #endif
 
 #define CALL_b_i4g32(R, TB) nib_block(w, xp, r, t0, R, TB, 0, 32, y, ldy)
