@@ -21,6 +21,7 @@ from moe_local.cache.budget import module_bytes
 from moe_local.cli.app import app
 from moe_local.convert.quantize import quantize
 from moe_local.convert.recipes import build_recipe
+from moe_local.formats import kernels_cpu
 from moe_local.formats.pack import Pack
 from moe_local.formats.schemes import PackedWeight
 from moe_local.loading.checkpoint import Checkpoint
@@ -163,11 +164,23 @@ def test_threads_reach_the_run_and_do_not_change_tokens(tiny_v3, restore_threads
                                 "0", "--json", "-t", str(n)])
         assert r.exit_code == 0, r.output
         assert f"with {n} thread" in r.stderr
-        assert torch.get_num_threads() == n
+        assert kernels_cpu.threads() == n  # the kernel pool computes the matmuls on all n
+        assert torch.get_num_threads() == 1  # torch's own ops of the last (decode) step: one thread
         tokens[n] = json.loads(r.stdout)["tokens"]
     assert tokens[1] == tokens[2] and len(tokens[1]) == 12
     session = Session.open(tiny_v3, "cpu", threads=2)
     assert session.lm.threads == 2 and torch.get_num_threads() == 2
+
+
+def test_a_prompt_gets_torch_threads_a_decode_step_does_not(restore_threads):
+    from moe_local.runtime.threads import SMALL_BATCH, threads_for_batch
+
+    threads_for_batch(SMALL_BATCH, 2)
+    assert torch.get_num_threads() == 2
+    threads_for_batch(1, 2)
+    assert torch.get_num_threads() == 1
+    threads_for_batch(512, 2)
+    assert torch.get_num_threads() == 2
 
 
 @pytest.mark.parametrize("command", ["generate", "chat", "eval", "serve"])

@@ -152,7 +152,7 @@ def descriptor(w) -> torch.Tensor | None:
         return None
     desc, keep = made
     try:
-        w._cpu_desc, w._cpu_keep = desc, keep
+        w._cpu_desc, w._cpu_keep, w._cpu_dims = desc, keep, (int(desc[1]), int(desc[2]))
     except AttributeError:  # an object that takes no attributes: describe it on every call
         pass
     return desc
@@ -167,7 +167,8 @@ def linear(x: torch.Tensor, w) -> torch.Tensor | None:
     desc = descriptor(w)
     if desc is None:
         return None
-    rows, cols = int(desc[1]), int(desc[2])
+    dims = getattr(w, "_cpu_dims", None)  # Python ints: no tensor reads on the per-token path
+    rows, cols = dims if dims is not None else (int(desc[1]), int(desc[2]))
     if x.shape[-1] != cols:
         raise ValueError(f"linear: x has {x.shape[-1]} features, the weight takes {cols}")
     lead = x.shape[:-1]

@@ -30,7 +30,7 @@ import torch
 from moe_local.cache.budget import module_bytes
 from moe_local.errors import MoeLocalError
 from moe_local.runtime.loader import LoadedModel
-from moe_local.runtime.threads import apply_threads, default_threads
+from moe_local.runtime.threads import apply_threads, default_threads, threads_for_batch
 from moe_local.runtime.timing import now
 from moe_local.units import GiB, MiB
 
@@ -220,12 +220,16 @@ def _one_repetition(lm: LoadedModel, prompt: list[int], gen_ids: list[int], coun
                     record: bool) -> Repetition:
     model, dev = lm.model, lm.device
     tokens = torch.tensor(prompt, dtype=torch.long, device=dev)
+    if dev.type == "cpu":
+        threads_for_batch(len(prompt), lm.threads)
     t0 = now(dev)
     model(tokens, 0, last_only=True)
     t1 = now(dev)
     if counter is not None:
         counter.recording = record
     pos = len(prompt)
+    if dev.type == "cpu":
+        threads_for_batch(1, lm.threads)
     try:
         for tok in gen_ids:
             model(torch.tensor([tok], dtype=torch.long, device=dev), pos, last_only=True)

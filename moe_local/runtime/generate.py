@@ -25,6 +25,7 @@ from moe_local.cache.budget import prefill_chunk as prefill_chunk_tokens
 from moe_local.errors import GenerationError
 from moe_local.loading.checkpoint import read_json
 from moe_local.runtime.sampling import Sampler, SamplingOptions
+from moe_local.runtime.threads import threads_for_batch
 from moe_local.runtime.timing import Timings, now
 from moe_local.runtime.tokenizer import StreamDecoder, Tokenizer
 
@@ -274,6 +275,8 @@ class Generator:
         # Positions >= start are overwritten (or left stale if the forward fails): forget them first.
         del self._cached[start:]
         tokens = torch.tensor(ids, dtype=torch.long, device=self.lm.device)
+        if self.lm.device.type == "cpu":
+            threads_for_batch(len(ids), self.lm.threads)
         try:
             logits = self.model(tokens, start, last_only=True)
         finally:  # even interrupted, only positions >= start were touched: the prefix stays ours

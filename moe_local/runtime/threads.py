@@ -55,6 +55,22 @@ def torch_threads(n: int) -> int:
     return n
 
 
+SMALL_BATCH = 16  # tokens below which a forward's torch ops run on one thread
+
+
+def threads_for_batch(tokens: int, n: int) -> None:
+    """Size torch's pool for a forward over `tokens` tokens in a run with `n` threads.
+
+    A decode step's torch ops (norms, rope, attention of one query, the router) take microseconds:
+    the matmuls are the kernel pool's, on all n threads. A second OpenMP thread there costs more
+    than it saves, and while the kernel pool's worker still holds the other core it can stall an op
+    for milliseconds. A prompt's torch ops (attention over many queries, the GEMM path) get all n.
+    Changes torch's setting only when the batch crosses SMALL_BATCH, not per token."""
+    want = 1 if tokens < SMALL_BATCH else n
+    if torch.get_num_threads() != want:
+        torch.set_num_threads(want)
+
+
 def apply_threads(n: int | None) -> int:
     """Size torch's pool and the C kernel pool (where the kernels module provides a setter) for a run
     with `n` threads; returns the count in effect. None leaves the process's settings as they are
@@ -66,4 +82,4 @@ def apply_threads(n: int | None) -> int:
     return n
 
 
-__all__ = ["apply_threads", "default_threads", "parse_threads", "resolve_threads", "torch_threads"]
+__all__ = ["apply_threads", "threads_for_batch", "default_threads", "parse_threads", "resolve_threads", "torch_threads"]
