@@ -148,17 +148,20 @@ def test_grouped_layer_does_not_depend_on_threads_or_on_which_experts_share_a_ca
     assert all(torch.equal(results[0], r) for r in results[1:])
 
 
-needs_avx512 = pytest.mark.skipif(kernels_cpu._cpu is None or "avx512" not in kernels_cpu.isas(),
-                                  reason="the AVX-512 kernels need an AVX-512 CPU")
+# the ISAs whose kernels compute a (row, token) by the same operations in any batch (block kernels)
+BLOCK_ISAS = [i for i in ("avx2", "avx512") if kernels_cpu._cpu is not None and i in kernels_cpu.isas()]
+block_isas = pytest.mark.parametrize("isa", BLOCK_ISAS or [pytest.param("avx2", marks=pytest.mark.skip(
+    reason="the block kernels need an AVX2 or AVX-512 CPU"))])
 
 
-@needs_avx512
+@block_isas
 @pytest.mark.parametrize("name,params", [s for s in SCHEMES if not s[0].startswith("ternary")],
                          ids=[f"{n}-{p.get('group_size')}" for n, p in SCHEMES if not n.startswith("ternary")])
-def test_avx512_a_token_computes_the_same_bits_in_any_batch(name, params):
-    """On AVX-512 a prompt's tokens get exactly what decoding them one at a time would get: each
-    (row, token) is computed by the same operations whatever the batch (up to GEMM_MIN_BATCH)."""
-    kernels_cpu.set_isa("avx512")
+def test_a_token_computes_the_same_bits_in_any_batch(isa, name, params):
+    """On the block-kernel ISAs a prompt's tokens get exactly what decoding them one at a time
+    would get: each (row, token) is computed by the same operations whatever the batch (up to
+    GEMM_MIN_BATCH), so a cached prefix and a re-read prompt agree to the bit."""
+    kernels_cpu.set_isa(isa)
     for shape in SHAPES:
         pw = packed(name, params, shape)
         x = torch.randn(11, shape[1], generator=torch.Generator().manual_seed(1))
@@ -167,9 +170,9 @@ def test_avx512_a_token_computes_the_same_bits_in_any_batch(name, params):
             assert torch.equal(whole[t], pw.linear(x[t:t + 1])[0]), (shape, t)
 
 
-@needs_avx512
-def test_avx512_grouped_layer_gives_a_prompt_the_bits_of_token_by_token_decoding():
-    kernels_cpu.set_isa("avx512")
+@block_isas
+def test_grouped_layer_gives_a_prompt_the_bits_of_token_by_token_decoding(isa):
+    kernels_cpu.set_isa(isa)
     experts = experts_of("int4", {"group_size": 32}, n=4)
     kernel = kernels_cpu.layer_kernel(experts, "silu")
     x = torch.randn(150, 96)
