@@ -36,6 +36,11 @@ typedef struct {
     const float *xs;        /* int4: [T][ng] the sum of each group of x (zero points folded out) */
 } XPrep;
 
+/* The (row, token) loops of the block kernels, fully unrolled: R and TB are compile-time constants
+ * in every specialised kernel, so the per-(row, token) accumulators stay in registers. */
+#define FOR_ROWS(R) _Pragma("GCC unroll 2") for (int i = 0; i < (R); i++)
+#define FOR_TOKENS(TB) _Pragma("GCC unroll 8") for (int t = 0; t < (TB); t++)
+
 typedef void (*rows_fn)(const WDesc *w, const XPrep *x, int64_t r0, int64_t r1, float *y, int64_t ldy);
 typedef void (*dequant_fn)(const WDesc *w, int64_t r0, int64_t r1, float *out);
 

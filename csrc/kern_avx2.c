@@ -59,14 +59,10 @@ AI void nib_block(const WDesc *w, const XPrep *xp, int64_t r, int t0, const int 
     const uint8_t *row[2] = {w->codes + r * w->stride, w->codes + (r + R - 1) * w->stride};
     __m256 acc[2][TBMAX];
     float ss[2][8];
-#pragma GCC unroll 2
-    for (int i = 0; i < R; i++)
-#pragma GCC unroll 8
-        for (int t = 0; t < TB; t++) acc[i][t] = _mm256_setzero_ps();
+    FOR_ROWS(R) FOR_TOKENS(TB) acc[i][t] = _mm256_setzero_ps();
     for (int64_t gc = 0; gc < ng; gc += 8) {
         const int64_t n = ng - gc < 8 ? ng - gc : 8;
-#pragma GCC unroll 2
-        for (int i = 0; i < R; i++) {
+        FOR_ROWS(R) {
             float sz[8];
             for (int j = 0; j < 8; j++) {
                 ss[i][j] = j < n ? load_scale(w, r + i, gc + j) : 0.0f;
@@ -75,51 +71,37 @@ AI void nib_block(const WDesc *w, const XPrep *xp, int64_t r, int t0, const int 
             if (!NF) {
                 const __m256 szv = _mm256_loadu_ps(sz);
                 const __m256i m = lanes(n);
-#pragma GCC unroll 8
-                for (int t = 0; t < TB; t++)
+                FOR_TOKENS(TB)
                     acc[i][t] = _mm256_fnmadd_ps(szv, _mm256_maskload_ps(xs0 + t * ng + gc, m), acc[i][t]);
             }
         }
         for (int64_t gi = gc; gi < gc + n; gi++) {
             const float *xg = x0 + gi * g;
             __m256 d[2][TBMAX];  /* the group's sum, one per (row, token) */
-#pragma GCC unroll 2
-            for (int i = 0; i < R; i++)
-#pragma GCC unroll 8
-                for (int t = 0; t < TB; t++) d[i][t] = _mm256_setzero_ps();
+            FOR_ROWS(R) FOR_TOKENS(TB) d[i][t] = _mm256_setzero_ps();
             for (int64_t k = 0; k < g; k += 32) {
-#pragma GCC unroll 2
-                for (int i = 0; i < R; i++) {
+                FOR_ROWS(R) {
                     const uint8_t *p = row[i] + (gi * g + k) / 2;
                     if ((k & 127) == 0) _mm_prefetch((const char *)(p + PF * w->stride), _MM_HINT_T0);
                     const __m256i v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
                     const __m256i v1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8)));
                     __m256 f = nib_f(_mm256_and_si256(v0, m4), NF, lut0, lut1);
-#pragma GCC unroll 8
-                    for (int t = 0; t < TB; t++) d[i][t] = _mm256_fmadd_ps(f, _mm256_loadu_ps(xg + t * len + k), d[i][t]);
+                    FOR_TOKENS(TB) d[i][t] = _mm256_fmadd_ps(f, _mm256_loadu_ps(xg + t * len + k), d[i][t]);
                     f = nib_f(_mm256_and_si256(v1, m4), NF, lut0, lut1);
-#pragma GCC unroll 8
-                    for (int t = 0; t < TB; t++) d[i][t] = _mm256_fmadd_ps(f, _mm256_loadu_ps(xg + t * len + k + 8), d[i][t]);
+                    FOR_TOKENS(TB) d[i][t] = _mm256_fmadd_ps(f, _mm256_loadu_ps(xg + t * len + k + 8), d[i][t]);
                     f = nib_f(_mm256_srli_epi32(v0, 4), NF, lut0, lut1);
-#pragma GCC unroll 8
-                    for (int t = 0; t < TB; t++) d[i][t] = _mm256_fmadd_ps(f, _mm256_loadu_ps(xg + t * len + k + 16), d[i][t]);
+                    FOR_TOKENS(TB) d[i][t] = _mm256_fmadd_ps(f, _mm256_loadu_ps(xg + t * len + k + 16), d[i][t]);
                     f = nib_f(_mm256_srli_epi32(v1, 4), NF, lut0, lut1);
-#pragma GCC unroll 8
-                    for (int t = 0; t < TB; t++) d[i][t] = _mm256_fmadd_ps(f, _mm256_loadu_ps(xg + t * len + k + 24), d[i][t]);
+                    FOR_TOKENS(TB) d[i][t] = _mm256_fmadd_ps(f, _mm256_loadu_ps(xg + t * len + k + 24), d[i][t]);
                 }
             }
-#pragma GCC unroll 2
-            for (int i = 0; i < R; i++) {
+            FOR_ROWS(R) {
                 const __m256 sv = _mm256_set1_ps(ss[i][gi - gc]);
-#pragma GCC unroll 8
-                for (int t = 0; t < TB; t++) acc[i][t] = _mm256_fmadd_ps(sv, d[i][t], acc[i][t]);
+                FOR_TOKENS(TB) acc[i][t] = _mm256_fmadd_ps(sv, d[i][t], acc[i][t]);
             }
         }
     }
-#pragma GCC unroll 2
-    for (int i = 0; i < R; i++)
-#pragma GCC unroll 8
-        for (int t = 0; t < TB; t++) y[(t0 + t) * ldy + r + i] = hsum256(acc[i][t]);
+    FOR_ROWS(R) FOR_TOKENS(TB) y[(t0 + t) * ldy + r + i] = hsum256(acc[i][t]);
 }
 
 /* 16 consecutive weights of an int8 or float-kind row from element e, as two float32 vectors. */
@@ -153,27 +135,19 @@ AI void lin_block(const WDesc *w, const XPrep *xp, int64_t r, int t0, const int 
     const float *x0 = xp->x + t0 * len;
     const uint8_t *row[2] = {w->codes + r * w->stride, w->codes + (r + R - 1) * w->stride};
     __m256 acc[2][TBMAX];
-#pragma GCC unroll 2
-    for (int i = 0; i < R; i++)
-#pragma GCC unroll 8
-        for (int t = 0; t < TB; t++) acc[i][t] = _mm256_setzero_ps();
+    FOR_ROWS(R) FOR_TOKENS(TB) acc[i][t] = _mm256_setzero_ps();
     for (int64_t gi = 0; gi < ng; gi++) {
         const int64_t i0 = gi * g, gw = cols - i0 < g ? cols - i0 : g;
         __m256 d0[2][TBMAX], d1[2][TBMAX];
-#pragma GCC unroll 2
-        for (int i = 0; i < R; i++)
-#pragma GCC unroll 8
-            for (int t = 0; t < TB; t++) d0[i][t] = d1[i][t] = _mm256_setzero_ps();
+        FOR_ROWS(R) FOR_TOKENS(TB) d0[i][t] = d1[i][t] = _mm256_setzero_ps();
         int64_t k = 0;
         for (; k + 16 <= gw; k += 16) {
-#pragma GCC unroll 2
-            for (int i = 0; i < R; i++) {
+            FOR_ROWS(R) {
                 __m256 a, b;
                 const int64_t off = (i0 + k) * es;  /* byte offset: one prefetch per 64-byte line */
                 if ((off & 63) < 16 * es) _mm_prefetch((const char *)(row[i] + off + PF * w->stride), _MM_HINT_T0);
                 load16_w(kind, row[i], i0 + k, &a, &b);
-#pragma GCC unroll 8
-                for (int t = 0; t < TB; t++) {
+                FOR_TOKENS(TB) {
                     const float *xt = x0 + t * len + i0 + k;
                     d0[i][t] = _mm256_fmadd_ps(a, _mm256_loadu_ps(xt), d0[i][t]);
                     d1[i][t] = _mm256_fmadd_ps(b, _mm256_loadu_ps(xt + 8), d1[i][t]);
@@ -183,32 +157,25 @@ AI void lin_block(const WDesc *w, const XPrep *xp, int64_t r, int t0, const int 
         if (k < gw) {
             const int64_t n = gw - k;
             const __m256i m0 = lanes(n), m1 = lanes(n - 8);
-#pragma GCC unroll 2
-            for (int i = 0; i < R; i++) {
+            FOR_ROWS(R) {
                 uint8_t tail[64] __attribute__((aligned(32))) = {0};
                 memcpy(tail, row[i] + (i0 + k) * es, (size_t)(n * es));
                 __m256 a, b;
                 load16_w(kind, tail, 0, &a, &b);
-#pragma GCC unroll 8
-                for (int t = 0; t < TB; t++) {
+                FOR_TOKENS(TB) {
                     const float *xt = x0 + t * len + i0 + k;
                     d0[i][t] = _mm256_fmadd_ps(a, _mm256_maskload_ps(xt, m0), d0[i][t]);
                     d1[i][t] = _mm256_fmadd_ps(b, _mm256_maskload_ps(xt + 8, m1), d1[i][t]);
                 }
             }
         }
-#pragma GCC unroll 2
-        for (int i = 0; i < R; i++) {
+        FOR_ROWS(R) {
             const __m256 sv = _mm256_set1_ps(FL ? 1.0f : load_scale(w, r + i, gi));
-#pragma GCC unroll 8
-            for (int t = 0; t < TB; t++)
+            FOR_TOKENS(TB)
                 acc[i][t] = FL ? _mm256_add_ps(d0[i][t], d1[i][t]) : _mm256_fmadd_ps(sv, _mm256_add_ps(d0[i][t], d1[i][t]), acc[i][t]);
         }
     }
-#pragma GCC unroll 2
-    for (int i = 0; i < R; i++)
-#pragma GCC unroll 8
-        for (int t = 0; t < TB; t++) y[(t0 + t) * ldy + r + i] = hsum256(acc[i][t]);
+    FOR_ROWS(R) FOR_TOKENS(TB) y[(t0 + t) * ldy + r + i] = hsum256(acc[i][t]);
 }
 
 typedef void (*block_fn)(const WDesc *w, const XPrep *xp, int64_t r, int t0, float *y, int64_t ldy);

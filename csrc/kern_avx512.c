@@ -48,59 +48,44 @@ AI void nib_block(const WDesc *w, const XPrep *xp, int64_t r, int t0, const int 
     const uint8_t *row[2] = {w->codes + r * w->stride, w->codes + (r + R - 1) * w->stride};
     __m512 acc[2][TBMAX];
     float ss[2][16];
-#pragma GCC unroll 2
-    for (int i = 0; i < R; i++)
-#pragma GCC unroll 8
-        for (int t = 0; t < TB; t++) acc[i][t] = _mm512_setzero_ps();
+    FOR_ROWS(R) FOR_TOKENS(TB) acc[i][t] = _mm512_setzero_ps();
     for (int64_t gc = 0; gc < ng; gc += 16) {
         const int64_t n = ng - gc < 16 ? ng - gc : 16;
         const __mmask16 m = (__mmask16)((1u << n) - 1);
-#pragma GCC unroll 2
-        for (int i = 0; i < R; i++) {
+        FOR_ROWS(R) {
             const __m512 s = load_scales16(w, r + i, gc, m);
             _mm512_storeu_ps(ss[i], s);
             if (!NF) {
                 const __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, w->zeros + (r + i) * ng + gc)));
                 const __m512 sz = _mm512_mul_ps(s, z);
-#pragma GCC unroll 8
-                for (int t = 0; t < TB; t++)
+                FOR_TOKENS(TB)
                     acc[i][t] = _mm512_fnmadd_ps(sz, _mm512_maskz_loadu_ps(m, xs0 + t * ng + gc), acc[i][t]);
             }
         }
         for (int64_t gi = gc; gi < gc + n; gi++) {
             const float *xg = x0 + gi * g;
             __m512 d0[2][TBMAX], d1[2][TBMAX];
-#pragma GCC unroll 2
-            for (int i = 0; i < R; i++)
-#pragma GCC unroll 8
-                for (int t = 0; t < TB; t++) d0[i][t] = d1[i][t] = _mm512_setzero_ps();
+            FOR_ROWS(R) FOR_TOKENS(TB) d0[i][t] = d1[i][t] = _mm512_setzero_ps();
             for (int64_t k = 0; k < g; k += 32) {
-#pragma GCC unroll 2
-                for (int i = 0; i < R; i++) {
+                FOR_ROWS(R) {
                     if ((k & 127) == 0) _mm_prefetch((const char *)(row[i] + (gi * g + k) / 2 + PF * w->stride), _MM_HINT_T0);
                     const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row[i] + (gi * g + k) / 2)));
                     const __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_srli_epi32(v, 4);
                     const __m512 flo = NF ? _mm512_permutexvar_ps(lo, lut) : _mm512_cvtepi32_ps(lo);
                     const __m512 fhi = NF ? _mm512_permutexvar_ps(hi, lut) : _mm512_cvtepi32_ps(hi);
-#pragma GCC unroll 8
-                    for (int t = 0; t < TB; t++) {
+                    FOR_TOKENS(TB) {
                         d0[i][t] = _mm512_fmadd_ps(flo, _mm512_loadu_ps(xg + t * len + k), d0[i][t]);
                         d1[i][t] = _mm512_fmadd_ps(fhi, _mm512_loadu_ps(xg + t * len + k + 16), d1[i][t]);
                     }
                 }
             }
-#pragma GCC unroll 2
-            for (int i = 0; i < R; i++) {
+            FOR_ROWS(R) {
                 const __m512 sv = _mm512_set1_ps(ss[i][gi - gc]);
-#pragma GCC unroll 8
-                for (int t = 0; t < TB; t++) acc[i][t] = _mm512_fmadd_ps(sv, _mm512_add_ps(d0[i][t], d1[i][t]), acc[i][t]);
+                FOR_TOKENS(TB) acc[i][t] = _mm512_fmadd_ps(sv, _mm512_add_ps(d0[i][t], d1[i][t]), acc[i][t]);
             }
         }
     }
-#pragma GCC unroll 2
-    for (int i = 0; i < R; i++)
-#pragma GCC unroll 8
-        for (int t = 0; t < TB; t++) y[(t0 + t) * ldy + r + i] = _mm512_reduce_add_ps(acc[i][t]);
+    FOR_ROWS(R) FOR_TOKENS(TB) y[(t0 + t) * ldy + r + i] = _mm512_reduce_add_ps(acc[i][t]);
 }
 
 /* Up to 32 consecutive codes from p as two float32 vectors (lanes past n: 0, nothing read). */
@@ -147,28 +132,20 @@ AI void lin_block(const WDesc *w, const XPrep *xp, int64_t r, int t0, const int 
     const float *x0 = xp->x + t0 * len;
     const uint8_t *row[2] = {w->codes + r * w->stride, w->codes + (r + R - 1) * w->stride};
     __m512 acc[2][TBMAX];
-#pragma GCC unroll 2
-    for (int i = 0; i < R; i++)
-#pragma GCC unroll 8
-        for (int t = 0; t < TB; t++) acc[i][t] = _mm512_setzero_ps();
+    FOR_ROWS(R) FOR_TOKENS(TB) acc[i][t] = _mm512_setzero_ps();
     for (int64_t gi = 0; gi < ng; gi++) {
         const int64_t i0 = gi * g, gw = cols - i0 < g ? cols - i0 : g;
         __m512 d0[2][TBMAX], d1[2][TBMAX];
-#pragma GCC unroll 2
-        for (int i = 0; i < R; i++)
-#pragma GCC unroll 8
-            for (int t = 0; t < TB; t++) d0[i][t] = d1[i][t] = _mm512_setzero_ps();
+        FOR_ROWS(R) FOR_TOKENS(TB) d0[i][t] = d1[i][t] = _mm512_setzero_ps();
         for (int64_t k = 0; k < gw; k += 32) {
             const int64_t n = gw - k;
-#pragma GCC unroll 2
-            for (int i = 0; i < R; i++) {
+            FOR_ROWS(R) {
                 __m512 a, b;
                 const int64_t off = FL ? (i0 + k) * (w->kind == K_F32 ? 4 : 2) : i0 + k;  /* byte offset */
                 if ((off & 63) == 0) _mm_prefetch((const char *)(row[i] + off + PF * w->stride), _MM_HINT_T0);
                 if (FL) load32_f(w->kind, row[i], i0 + k, n, &a, &b);
                 else load32_i8((const int8_t *)row[i] + i0 + k, n, &a, &b);
-#pragma GCC unroll 8
-                for (int t = 0; t < TB; t++) {
+                FOR_TOKENS(TB) {
                     __m512 xa, xb;
                     load32_x(x0 + t * len + i0 + k, n, &xa, &xb);
                     d0[i][t] = _mm512_fmadd_ps(a, xa, d0[i][t]);
@@ -176,18 +153,13 @@ AI void lin_block(const WDesc *w, const XPrep *xp, int64_t r, int t0, const int 
                 }
             }
         }
-#pragma GCC unroll 2
-        for (int i = 0; i < R; i++) {
+        FOR_ROWS(R) {
             const __m512 sv = _mm512_set1_ps(FL ? 1.0f : load_scale(w, r + i, gi));
-#pragma GCC unroll 8
-            for (int t = 0; t < TB; t++)
+            FOR_TOKENS(TB)
                 acc[i][t] = FL ? _mm512_add_ps(d0[i][t], d1[i][t]) : _mm512_fmadd_ps(sv, _mm512_add_ps(d0[i][t], d1[i][t]), acc[i][t]);
         }
     }
-#pragma GCC unroll 2
-    for (int i = 0; i < R; i++)
-#pragma GCC unroll 8
-        for (int t = 0; t < TB; t++) y[(t0 + t) * ldy + r + i] = _mm512_reduce_add_ps(acc[i][t]);
+    FOR_ROWS(R) FOR_TOKENS(TB) y[(t0 + t) * ldy + r + i] = _mm512_reduce_add_ps(acc[i][t]);
 }
 
 typedef void (*block_fn)(const WDesc *w, const XPrep *xp, int64_t r, int t0, float *y, int64_t ldy);
