@@ -175,11 +175,11 @@ def test_threads_reach_the_run_and_do_not_change_tokens(tiny_v3, restore_threads
 def test_a_prompt_gets_torch_threads_a_decode_step_does_not(restore_threads):
     from moe_local.runtime.threads import SMALL_BATCH, threads_for_batch
 
-    threads_for_batch(SMALL_BATCH, 2)
+    threads_for_batch(SMALL_BATCH, 2, torch.device("cpu"))
     assert torch.get_num_threads() == 2
-    threads_for_batch(1, 2)
+    threads_for_batch(1, 2, torch.device("cpu"))
     assert torch.get_num_threads() == 1
-    threads_for_batch(512, 2)
+    threads_for_batch(512, 2, torch.device("cpu"))
     assert torch.get_num_threads() == 2
 
 

@@ -220,16 +220,14 @@ def _one_repetition(lm: LoadedModel, prompt: list[int], gen_ids: list[int], coun
                     record: bool) -> Repetition:
     model, dev = lm.model, lm.device
     tokens = torch.tensor(prompt, dtype=torch.long, device=dev)
-    if dev.type == "cpu":
-        threads_for_batch(len(prompt), lm.threads)
+    threads_for_batch(len(prompt), lm.threads, dev)
     t0 = now(dev)
     model(tokens, 0, last_only=True)
     t1 = now(dev)
     if counter is not None:
         counter.recording = record
     pos = len(prompt)
-    if dev.type == "cpu":
-        threads_for_batch(1, lm.threads)
+    threads_for_batch(1, lm.threads, dev)
     try:
         for tok in gen_ids:
             model(torch.tensor([tok], dtype=torch.long, device=dev), pos, last_only=True)

@@ -275,8 +275,7 @@ class Generator:
         # Positions >= start are overwritten (or left stale if the forward fails): forget them first.
         del self._cached[start:]
         tokens = torch.tensor(ids, dtype=torch.long, device=self.lm.device)
-        if self.lm.device.type == "cpu":
-            threads_for_batch(len(ids), self.lm.threads)
+        threads_for_batch(len(ids), self.lm.threads, self.lm.device)
         try:
             logits = self.model(tokens, start, last_only=True)
         finally:  # even interrupted, only positions >= start were touched: the prefix stays ours

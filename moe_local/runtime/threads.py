@@ -58,14 +58,17 @@ def torch_threads(n: int) -> int:
 SMALL_BATCH = 16  # tokens below which a forward's torch ops run on one thread
 
 
-def threads_for_batch(tokens: int, n: int) -> None:
-    """Size torch's pool for a forward over `tokens` tokens in a run with `n` threads.
+def threads_for_batch(tokens: int, n: int, device: torch.device) -> None:
+    """Size torch's pool for a forward over `tokens` tokens on `device` in a run with `n` threads
+    (a GPU run's host ops are left as they are).
 
     A decode step's torch ops (norms, rope, attention of one query, the router) take microseconds:
     the matmuls are the kernel pool's, on all n threads. A second OpenMP thread there costs more
     than it saves, and while the kernel pool's worker still holds the other core it can stall an op
     for milliseconds. A prompt's torch ops (attention over many queries, the GEMM path) get all n.
     Changes torch's setting only when the batch crosses SMALL_BATCH, not per token."""
+    if device.type != "cpu":
+        return
     want = 1 if tokens < SMALL_BATCH else n
     if torch.get_num_threads() != want:
         torch.set_num_threads(want)
